@@ -1,0 +1,371 @@
+"""Run NVIDIA Triton Inference Server on a model repository, without Docker.
+
+The ``nvidia-pytriton`` wheel (pip extra ``driffusion[server]``) ships a real ``tritonserver``
+binary, the python backend and one python-backend stub per Python version. ``TritonServer``
+assembles a backend directory from them, starts the server in its own process group with the
+environment the stub needs, waits until it is ready and cleans up (process group, shared memory)
+on stop.
+
+    with TritonServer("model_repository/models", models=["denoiser"]) as server:
+        client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
+
+What the stub needs (see FACTS.md): the wheel's ``nvidia_pytriton.libs`` on LD_LIBRARY_PATH
+(without it the server hangs), the folder of this interpreter's ``libpython3.x.so`` too (else it
+binds the system's), and this interpreter's ``bin`` first on PATH (that is how the stub finds the
+venv's packages).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import importlib.metadata
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_PIP_HINT = "install the server extra: pip install 'driffusion[server]'"
+_SHM_DIR = Path("/dev/shm")
+
+
+class TritonServerError(RuntimeError):
+    """The server could not be found, started or stopped."""
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Files of the tritonserver shipped in the nvidia-pytriton wheel."""
+
+    binary: Path  # tritonserver executable
+    libs_dir: Path  # nvidia_pytriton.libs: libcudart & co., needed even on CPU
+    backend_lib: Path  # python backend: libtriton_python.so
+    backend_utils: Path  # triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub for the running Python version
+    version: str  # nvidia-pytriton version
+
+
+def locate_tritonserver() -> TritonDistribution:
+    """Find tritonserver and the python backend inside the installed ``pytriton`` package."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise TritonServerError(f"nvidia-pytriton is not installed; {_PIP_HINT}") from exc
+    root = Path(pytriton.__file__).resolve().parent
+    server_dir = root / "tritonserver"
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    dist = TritonDistribution(
+        binary=server_dir / "bin" / "tritonserver",
+        libs_dir=root.parent / "nvidia_pytriton.libs",
+        backend_lib=server_dir / "backends" / "python" / "libtriton_python.so",
+        backend_utils=server_dir / "backends" / "python" / "triton_python_backend_utils.py",
+        stub=server_dir / "python_backend_stubs" / python_version / "triton_python_backend_stub",
+        version=importlib.metadata.version("nvidia-pytriton"),
+    )
+    missing = [str(p) for p in (dist.binary, dist.libs_dir, dist.backend_lib, dist.backend_utils)]
+    missing = [p for p in missing if not Path(p).exists()]
+    if missing:
+        raise TritonServerError(f"nvidia-pytriton is incomplete, missing {missing}; {_PIP_HINT}")
+    if not dist.stub.exists():
+        raise TritonServerError(
+            f"nvidia-pytriton {dist.version} has no python-backend stub for Python "
+            f"{python_version} (looked for {dist.stub})"
+        )
+    return dist
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/driffusion`` (default ``~/.cache/driffusion``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "driffusion"
+
+
+def prepare_backend_directory(dist: TritonDistribution, cache_dir: Path | None = None) -> Path:
+    """Return a ``--backend-directory`` holding ``python/`` with the .so, the utils and the stub.
+
+    The stub must sit next to ``libtriton_python.so``; the backend chmods it, so the files are
+    copied rather than linked. Built once per wheel and Python version, atomically (a rename), so
+    concurrent callers are safe.
+    """
+    stub = dist.stub.stat()
+    key = hashlib.sha1(f"{dist.stub}:{stub.st_size}:{stub.st_mtime_ns}".encode()).hexdigest()[:10]
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    target = (cache_dir or default_cache_dir()) / f"triton-backends-{dist.version}-py{py}-{key}"
+    if (target / "python" / "triton_python_backend_stub").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        (staging / "python").mkdir()
+        for src in (dist.backend_lib, dist.backend_utils, dist.stub):
+            shutil.copy2(src, staging / "python" / src.name)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            if not (target / "python" / "triton_python_backend_stub").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def find_free_ports(count: int = 1, host: str = "127.0.0.1") -> list[int]:
+    """Return ``count`` distinct TCP ports that are free right now (racy by nature; for tests)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def server_environment(dist: TritonDistribution, base: dict[str, str] | None = None) -> dict:
+    """Environment for tritonserver and its python stubs (see the module docstring)."""
+    env = dict(os.environ if base is None else base)
+    lib_dirs = [str(dist.libs_dir), sysconfig.get_config_var("LIBDIR") or ""]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in [*lib_dirs, env.get("LD_LIBRARY_PATH", "")] if p
+    )
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in [venv_bin, env.get("PATH", "")] if p)
+    return env
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the non-zombie processes in process group ``pgid`` (Linux /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process exited while we looked
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
+class TritonServer:
+    """A tritonserver process on a model repository; a context manager.
+
+    Args:
+        model_repository: folder with one sub-folder per model (``config.pbtxt``, ``1/...``).
+        http_port, grpc_port, metrics_port: ports; use ``find_free_ports(3)`` in tests.
+        address: bind address for HTTP, gRPC and metrics.
+        models: models to load (explicit model control); ``None`` loads every model.
+        log_verbose: tritonserver ``--log-verbose`` level (0 = off).
+        log_path: server log (stdout and stderr); default a fresh temporary folder.
+        shm_default_byte_size: python backend shared-memory region per instance.
+        exit_timeout_s: how long tritonserver waits for in-flight requests on SIGTERM.
+        start_timeout_s: ``start()`` gives up after this long.
+        stop_grace_s: after SIGTERM, ``stop()`` waits this long before SIGKILL.
+        extra_args: appended to the tritonserver command line.
+        cache_dir: where the backend directory is assembled (``default_cache_dir()``).
+    """
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike,
+        *,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        address: str = "127.0.0.1",
+        models: Sequence[str] | None = None,
+        log_verbose: int = 0,
+        log_path: str | os.PathLike | None = None,
+        shm_default_byte_size: int = 16 * 1024 * 1024,
+        exit_timeout_s: int = 3,
+        start_timeout_s: float = 120.0,
+        stop_grace_s: float = 30.0,
+        extra_args: Sequence[str] = (),
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        if not self.model_repository.is_dir():
+            raise ValueError(f"model_repository: {self.model_repository} is not a folder")
+        if isinstance(models, str):
+            raise ValueError("models: pass a list of model names, not a string")
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.address = address
+        self.models = None if models is None else list(models)
+        self.log_verbose = log_verbose
+        self._log_path = Path(log_path) if log_path is not None else None
+        self.shm_default_byte_size = shm_default_byte_size
+        self.exit_timeout_s = exit_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.extra_args = list(extra_args)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        # Unique per server: killed servers leave /dev/shm/<prefix>* behind and we remove them.
+        self._shm_prefix = f"driffusion_{os.getpid()}_{secrets.token_hex(4)}_"
+        self._process: subprocess.Popen | None = None
+
+    # -- addresses -------------------------------------------------------------------------------
+    @property
+    def _client_host(self) -> str:
+        return {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.address, self.address)
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` for ``tritonclient.grpc``."""
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """``host:port`` for ``tritonclient.http``."""
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus endpoint, ``http://host:port/metrics``."""
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def log_path(self) -> Path | None:
+        """Server log file (set once started when not given)."""
+        return self._log_path
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of tritonserver (also its process group id), ``None`` when not running."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def shm_prefix(self) -> str:
+        """Python backend shared-memory prefix: regions are ``/dev/shm/<prefix>*``."""
+        return self._shm_prefix
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def command(self, backend_directory: Path, binary: Path) -> list[str]:
+        """The tritonserver command line."""
+        cmd = [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_directory}",
+            f"--http-address={self.address}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=true",
+            f"--metrics-address={self.address}",
+            f"--metrics-port={self.metrics_port}",
+            "--disable-auto-complete-config",
+            f"--backend-config=python,shm-default-byte-size={self.shm_default_byte_size}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        if self.models is not None:
+            cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]
+        return cmd + self.extra_args
+
+    def start(self) -> TritonServer:
+        """Launch tritonserver and block until it is ready; raise ``TritonServerError`` if not."""
+        if self._process is not None:
+            raise TritonServerError(f"server already running (pid {self._process.pid})")
+        dist = locate_tritonserver()
+        backend_dir = prepare_backend_directory(dist, self.cache_dir)
+        if self._log_path is None:
+            self._log_path = Path(tempfile.mkdtemp(prefix="driffusion-triton-")) / "server.log"
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._log_path, "wb") as log:
+            self._process = subprocess.Popen(
+                self.command(backend_dir, dist.binary),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=server_environment(dist),
+                start_new_session=True,  # own process group: stop() reaches the stubs too
+            )
+        atexit.register(self.stop)
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self) -> None:
+        url = f"http://{self._client_host}:{self.http_port}/v2/health/ready"
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            rc = self._process.poll()
+            if rc is not None:
+                raise TritonServerError(
+                    f"tritonserver exited with code {rc} before becoming ready\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=0.5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass  # not listening yet, or models still loading (400)
+            if time.monotonic() > deadline:
+                raise TritonServerError(
+                    f"tritonserver not ready after {self.start_timeout_s:.0f} s\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL it after ``stop_grace_s``, remove shared memory.
+
+        Idempotent; also runs at interpreter exit.
+        """
+        process, self._process = self._process, None
+        if process is None:
+            return
+        atexit.unregister(self.stop)
+        pgid = process.pid
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_grace_s
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=self.stop_grace_s)
+            # Stubs may outlive the server; give them the rest of the grace period.
+            while live_group_members(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if live_group_members(pgid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+                process.wait()
+                kill_deadline = time.monotonic() + 5.0
+                while live_group_members(pgid) and time.monotonic() < kill_deadline:
+                    time.sleep(0.05)
+        finally:
+            for region in _SHM_DIR.glob(f"{self._shm_prefix}*"):
+                with contextlib.suppress(FileNotFoundError):
+                    region.unlink()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server log, headed by its path."""
+        if self._log_path is None or not self._log_path.exists():
+            return "(no server log)"
+        with open(self._log_path, errors="replace") as f:
+            tail = "".join(deque(f, maxlen=lines))
+        return f"--- last {lines} lines of {self._log_path} ---\n{tail}"
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self._process is not None else "stopped"
+        return f"TritonServer({str(self.model_repository)!r}, grpc={self.grpc_url}, {state})"

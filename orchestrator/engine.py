@@ -1,0 +1,259 @@
+"""The draft-and-refine engine (ALGORITHM.md, "One draft-and-refine block").
+
+The engine is a generator: it yields a :class:`Round` (the states to evaluate, already scaled the
+way the model sees them, with their timesteps) and is sent back the model outputs for that round.
+One driver, :func:`sample`, calls a ``denoise`` function synchronously; the Triton orchestrator
+drives the very same generator with concurrent (async) requests. All draft-and-refine logic lives
+here, once.
+
+Notation: ``a`` anchor index, ``kb`` block size, ``E_a`` anchor output, ``xd_j`` draft at step j,
+``ed_j`` the model output at ``xd_j``, S the number of steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .jump import jump, step
+from .schedule import Schedule
+
+MODES = ("sequential", "aggressive", "conservative")
+
+# k: a fixed block size, a list (block b uses k[b]; the last entry repeats), or a callable
+# (anchor index, number of steps) -> block size.
+KSpec = int | Sequence[int] | Callable[[int, int], int]
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Noise = Callable[[int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round: every state evaluated at the same time, as one batch."""
+
+    x: torch.Tensor  # (m*B, ...) model inputs: m states of batch B, scaled as the model sees them
+    t: torch.Tensor  # (m*B,) the timestep of each row
+    steps: tuple[int, ...]  # (m,) the step index of each state
+    index: int  # 0-based round number
+
+
+@dataclass
+class SampleResult:
+    """What :func:`sample` returns."""
+
+    sample: torch.Tensor  # final state x_S, in the scheduler's state space
+    rounds: int  # serial denoiser rounds: latency is proportional to this
+    evaluations: int  # states evaluated in all (about S in every mode)
+    round_sizes: list[int] = field(default_factory=list)  # states per round
+
+
+@dataclass(frozen=True)
+class Block:
+    """One planned block: anchor ``a``, drafts ``a+1 .. last_draft``, refinement up to ``end``."""
+
+    anchor: int
+    size: int  # kb
+    exact_anchor: bool  # the anchor output is evaluated at the refined state (its own round)
+    last_draft: int  # a+1 .. last_draft are drafted (empty when last_draft == anchor)
+    end: int  # refinement walks a -> end; the next anchor is ``end``
+
+
+def validate(mode: str, k: KSpec) -> None:
+    """Raise ``ValueError`` naming the problem for a bad mode or k."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if isinstance(k, bool) or not (isinstance(k, int) or callable(k) or isinstance(k, Sequence)):
+        raise ValueError(f"k must be an int >= 1, a list of ints or a callable, got {k!r}")
+    if isinstance(k, int) and k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(k, Sequence) and not callable(k):
+        if len(k) == 0:
+            raise ValueError("k schedule is an empty list: give at least one block size >= 1")
+        for b, kb in enumerate(k):
+            _check_block_size(kb, f"k[{b}]")
+
+
+def _check_block_size(kb, what: str) -> int:
+    if isinstance(kb, bool) or not isinstance(kb, int) or kb < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {kb!r}")
+    return kb
+
+
+def tapered(k_early: int, k_late: int, switch: float = 0.6) -> Callable[[int, int], int]:
+    """A k schedule: blocks anchored before ``switch * S`` use ``k_early``, later ones ``k_late``.
+
+    The draft error concentrates in the last, low-noise blocks (ALGORITHM.md), so large blocks early
+    and small blocks late buy speed where it is cheap. On the exact Gaussian mixture at S=50,
+    ``tapered(5, 4)`` matches fixed k=4's deviation in 12 rounds instead of 14 (BENCHMARKS.md).
+    """
+    _check_block_size(k_early, "k_early")
+    _check_block_size(k_late, "k_late")
+    if not 0.0 <= switch <= 1.0:
+        raise ValueError(f"switch must be in [0, 1], got {switch}")
+
+    def k(anchor: int, num_steps: int) -> int:
+        return k_early if anchor < switch * num_steps else k_late
+
+    k.__name__ = f"tapered({k_early}, {k_late}, switch={switch})"
+    return k
+
+
+def _block_size(k: KSpec, block: int, anchor: int, num_steps: int) -> int:
+    if isinstance(k, int):
+        return k
+    if callable(k):
+        return _check_block_size(k(anchor, num_steps), f"k schedule at anchor {anchor}")
+    return k[min(block, len(k) - 1)]
+
+
+def plan(num_steps: int, mode: str, k: KSpec = 1) -> list[Block]:
+    """The blocks of a run of ``num_steps`` steps; rounds and evaluations follow from it."""
+    validate(mode, k)
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {num_steps!r}")
+    blocks, a, b = [], 0, 0
+    while a < num_steps:
+        if mode == "sequential":
+            kb, exact, refine = 1, True, 1
+        else:
+            kb = _block_size(k, b, a, num_steps)
+            exact = mode == "conservative" or a == 0
+            refine = kb + 1 if mode == "conservative" else kb
+        last = min(a + kb, num_steps - 1) if mode != "sequential" else a
+        end = min(a + refine, num_steps)
+        blocks.append(Block(a, kb, exact, max(last, a), end))
+        a, b = end, b + 1
+    return blocks
+
+
+def count_rounds(num_steps: int, mode: str, k: KSpec = 1) -> tuple[int, int]:
+    """(rounds, evaluations) of a run, without running it."""
+    rounds = evaluations = 0
+    for blk in plan(num_steps, mode, k):
+        drafts = blk.last_draft - blk.anchor
+        rounds += int(blk.exact_anchor) + int(drafts > 0)
+        evaluations += int(blk.exact_anchor) + drafts
+    return rounds, evaluations
+
+
+def draft_and_refine(
+    x: torch.Tensor,
+    schedule: Schedule,
+    mode: str = "aggressive",
+    k: KSpec = 4,
+    noise: Noise | None = None,
+) -> Generator[Round, torch.Tensor, SampleResult]:
+    """Run DRiffusion as a generator of rounds; returns the :class:`SampleResult`.
+
+    ``noise(i)`` gives the noise z_i of sequential step i (stochastic samplers only). A draft
+    ``J(a -> j)`` uses z_{j-1}, so the first draft equals the refined ``Step(a)`` bit for bit.
+    """
+    blocks = plan(schedule.num_steps, mode, k)
+    if schedule.stochastic and noise is None:
+        raise ValueError(f"{schedule.kind} with this configuration is stochastic: pass noise")
+    z = noise if schedule.stochastic else (lambda i: None)
+    rounds: list[int] = []
+
+    def evaluate(states: torch.Tensor, steps: list[int]):
+        """Yield one round for ``states`` (m, B, ...); returns the m model outputs."""
+        batch = states.shape[1]
+        xs = states.flatten(0, 1)  # (m*B, ...)
+        if schedule.input_scales is not None:
+            scales = torch.tensor([schedule.input_scales[j] for j in steps], dtype=xs.dtype)
+            xs = xs * scales.repeat_interleave(batch).view(-1, *[1] * (xs.ndim - 1)).to(xs.device)
+        t = schedule.timesteps[list(steps)].repeat_interleave(batch).to(xs.device)
+        out = yield Round(xs, t, tuple(steps), len(rounds))
+        rounds.append(len(steps))
+        _check_output(out, xs, len(rounds) - 1, steps)
+        return out.view(states.shape)
+
+    state, anchor_out = x, None
+    for n, blk in enumerate(blocks):
+        a = blk.anchor
+        if blk.exact_anchor:
+            (anchor_out,) = yield from evaluate(state[None], [a])
+        # 1. draft xd_j = J(x_a, E_a; a -> j) for j = a+1 .. last_draft, straight into the round
+        targets = list(range(a + 1, blk.last_draft + 1))
+        drafts = state.new_empty((len(targets), *state.shape))  # (m, B, ...)
+        for n_j, j in enumerate(targets):
+            jump(schedule, state, anchor_out, a, j, z(j - 1), out=drafts[n_j])
+        # 2. evaluate every draft in ONE round
+        outs = (yield from evaluate(drafts, targets)) if targets else []
+        # 3. refine along the original trajectory: x_{a+1} = Step(x_a, E_a) == xd_{a+1}, then
+        #    x_{m+1} = Step(x_m, ed_m)
+        state = drafts[0] if targets else step(schedule, state, anchor_out, a, z(a))
+        for m in range(a + 1, blk.end):
+            state = step(schedule, state, outs[m - a - 1], m, z(m))
+        # aggressive: noise caching, E_{a'} = ed_{a'} computed at the draft xd_{a'}
+        if n + 1 < len(blocks) and not blocks[n + 1].exact_anchor:
+            anchor_out = outs[blk.end - a - 1]
+    return SampleResult(state, len(rounds), sum(rounds), rounds)
+
+
+def _model_input(schedule: Schedule, state: torch.Tensor, j: int) -> torch.Tensor:
+    if schedule.input_scales is None:
+        return state
+    return state * schedule.input_scales[j]
+
+
+def _check_output(out, x: torch.Tensor, index: int, steps: list[int]) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"denoiser must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(
+            f"denoiser returned shape {tuple(out.shape)} for input shape {tuple(x.shape)} "
+            f"in round {index} (steps {steps}): it must return one output per input row"
+        )
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():  # one cheap pass first
+        raise ValueError(f"denoiser returned NaN or inf in round {index} (steps {steps})")
+
+
+class StepNoise:
+    """z_i for each sequential step i, drawn lazily IN STEP ORDER from one generator, so every mode
+    and k sees the same noise and the sequential mode matches a diffusers ``step`` loop that draws
+    ``randn(shape, generator)`` once a step."""
+
+    def __init__(self, like: torch.Tensor, generator: torch.Generator | None = None):
+        self._like, self._generator, self._drawn = like, generator, []
+
+    def __call__(self, i: int) -> torch.Tensor:
+        while len(self._drawn) <= i:
+            device = self._generator.device if self._generator is not None else self._like.device
+            z = torch.randn(
+                self._like.shape, generator=self._generator, device=device, dtype=self._like.dtype
+            )
+            self._drawn.append(z.to(self._like.device))
+        return self._drawn[i]
+
+
+def sample(
+    denoise: Denoise,
+    x: torch.Tensor,
+    schedule: Schedule,
+    mode: str = "aggressive",
+    k: KSpec = 4,
+    generator: torch.Generator | None = None,
+    *,
+    noise: Noise | None = None,
+) -> SampleResult:
+    """Sample with DRiffusion. ``denoise(x (B, ...), t (B,)) -> (B, ...)`` returns the raw model
+    output in the scheduler's prediction type; each round calls it once with all of that round's
+    states. ``x`` is the initial noise already scaled by ``init_noise_sigma``.
+    ``generator`` feeds the noise of stochastic samplers (or pass ``noise(i) -> z_i`` yourself)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
+        raise ValueError("x must be a floating-point torch.Tensor of shape (B, ...)")
+    if noise is None and schedule.stochastic:
+        noise = StepNoise(x, generator)
+    return drive(draft_and_refine(x, schedule, mode, k, noise), denoise)
+
+
+def drive(rounds: Generator[Round, torch.Tensor, SampleResult], denoise: Denoise) -> SampleResult:
+    """Run an engine generator to the end, evaluating each round with ``denoise``."""
+    try:
+        r = next(rounds)
+        while True:
+            r = rounds.send(denoise(r.x, r.t))
+    except StopIteration as done:
+        return done.value
