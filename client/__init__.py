@@ -1,1 +1,21 @@
 """gRPC client of the served ``driffusion`` model (tritonclient), used by the CLI and tests."""
+
+from .client import (
+    DriffusionClient,
+    DriffusionError,
+    GenerateResult,
+    build_inputs,
+    max_abs_diff,
+    psnr,
+    save_png,
+)
+
+__all__ = [
+    "DriffusionClient",
+    "DriffusionError",
+    "GenerateResult",
+    "build_inputs",
+    "max_abs_diff",
+    "psnr",
+    "save_png",
+]

@@ -275,11 +275,6 @@ def build_tiny_pipeline(family: str, out_dir: str | Path, seed: int = 0) -> Path
 
 def load_tiny_pipeline(path: str | Path):
     """Reload a pipeline saved by :func:`build_tiny_pipeline`, offline (SD3 without T5)."""
-    from diffusers import DiffusionPipeline
+    from .pipelines import load_pipeline
 
-    path = Path(path)
-    kwargs = {}
-    model_index = json.loads((path / "model_index.json").read_text())
-    if "text_encoder_3" in model_index:
-        kwargs = dict(text_encoder_3=None, tokenizer_3=None)
-    return DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+    return load_pipeline(path, local_files_only=True)

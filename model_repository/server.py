@@ -244,6 +244,11 @@ class TritonServer:
         return self._process.pid if self._process is not None else None
 
     @property
+    def returncode(self) -> int | None:
+        """The server's exit code once it has exited by itself; ``None`` while it runs."""
+        return self._process.poll() if self._process is not None else None
+
+    @property
     def shm_prefix(self) -> str:
         """Python backend shared-memory prefix: regions are ``/dev/shm/<prefix>*``."""
         return self._shm_prefix

@@ -1,32 +1,38 @@
 """DRiffusion: draft-and-refine parallel diffusion sampling.
 
-from driffusion import sample, Schedule
-schedule = Schedule.from_diffusers(scheduler)          # after scheduler.set_timesteps(S)
-result = sample(denoise, x, schedule, mode="aggressive", k=4)
+    from driffusion import sample, Schedule
+    schedule = Schedule.from_diffusers(scheduler)          # after scheduler.set_timesteps(S)
+    result = sample(denoise, x, schedule, mode="aggressive", k=4)
+
+Names are imported lazily, so that ``driffusion.api``, ``driffusion.specs`` and the client do not
+pay for importing torch.
 """
 
-from .engine import MODES, SampleResult, count_rounds, draft_and_refine, plan, sample, tapered
-from .jump import jump, step
-from .schedule import Schedule
+from importlib import import_module
 
-__all__ = [
-    "MODES",
-    "SampleResult",
-    "Schedule",
-    "count_rounds",
-    "draft_and_refine",
-    "jump",
-    "parallelize",
-    "plan",
-    "sample",
-    "step",
-    "tapered",
-]
+_EXPORTS = {
+    "MODES": "engine",
+    "SampleResult": "engine",
+    "count_rounds": "engine",
+    "draft_and_refine": "engine",
+    "plan": "engine",
+    "sample": "engine",
+    "tapered": "engine",
+    "jump": "jumps",
+    "step": "jumps",
+    "Schedule": "schedule",
+    "parallelize": "parallel",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name == "parallelize":  # imports diffusers: load it only when asked for
-        from .parallel import parallelize
-
-        return parallelize
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'driffusion' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     gmm.add_argument("--samples", type=int, default=4000, help="samples (default 4000)")
     gmm.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     gmm.set_defaults(func=_gmm_demo)
+    from .client import cli as client_cli  # generate, bench
+
+    client_cli.register(sub)
+    from .client import demo
+    from .model_repository import serve
+
+    serve.register(sub)
+    demo.register(sub)
     return parser
 
 

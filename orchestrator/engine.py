@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .jump import jump, step
+from .jumps import jump, step
 from .schedule import Schedule
 
 MODES = ("sequential", "aggressive", "conservative")

@@ -737,3 +737,31 @@ __all__ = [
     "sd_family",
     "sdxl_family",
 ]
+
+
+# --- serialization (the model repository carries the spec it was built from) ----------------
+
+
+def family_to_dict(family: FamilySpec) -> dict[str, Any]:
+    """A JSON-ready dict of ``family``; :func:`family_from_dict` rebuilds it exactly."""
+    from dataclasses import asdict
+
+    return asdict(family)
+
+
+def family_from_dict(data: Mapping[str, Any]) -> FamilySpec:
+    """Inverse of :func:`family_to_dict` (lists back to tuples where the dataclasses hold them)."""
+
+    def tensor(d: Mapping[str, Any]) -> TensorSpec:
+        rng = d.get("sample_range")
+        return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), tuple(rng) if rng else None)
+
+    def model(d: Mapping[str, Any]) -> ModelSpec:
+        fields = {k: v for k, v in d.items() if k not in ("inputs", "outputs")}
+        ins = tuple(tensor(t) for t in d["inputs"])
+        return ModelSpec(inputs=ins, outputs=tuple(tensor(t) for t in d["outputs"]), **fields)
+
+    fields = dict(data)
+    fields["components"] = {role: model(m) for role, m in data["components"].items()}
+    fields["default_size"] = tuple(data["default_size"])
+    return FamilySpec(**fields)

@@ -40,3 +40,23 @@ def start_triton_server(tmp_path_factory):
 
 
 # --- end of Triton server fixtures -----------------------------------------------------------
+
+
+# --- tiny pipeline and its model repository (built once per test session) ---------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny random-weight SD2.1-like diffusers pipeline folder (offline, from config)."""
+    from driffusion.export.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline("sd21", tmp_path_factory.mktemp("tiny") / "sd21")
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_pipeline_dir, tmp_path_factory):
+    """The served repository of the tiny pipeline: 4 denoiser instances, max k 8, no padding."""
+    from driffusion.model_repository.build import RepositorySettings, build_repository
+
+    out = tmp_path_factory.mktemp("repository") / "repo"
+    return build_repository(tiny_pipeline_dir, out, RepositorySettings(), progress=None)

@@ -1,0 +1,115 @@
+"""``config.pbtxt`` rendered from the model specs and the request API, with Triton's own protobuf.
+
+Every tensor name, dtype and shape comes from ``driffusion.specs`` (pipeline components) or
+``driffusion.api`` (the ``driffusion`` model): nothing is typed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from driffusion import api
+from driffusion.specs import ModelSpec
+
+_NUMPY_TO_TRITON = {
+    "float32": mc.TYPE_FP32,
+    "float16": mc.TYPE_FP16,
+    "int64": mc.TYPE_INT64,
+    "int32": mc.TYPE_INT32,
+    "uint8": mc.TYPE_UINT8,
+    "object": mc.TYPE_STRING,
+}
+_API_TO_TRITON = {
+    "BYTES": mc.TYPE_STRING,
+    "INT64": mc.TYPE_INT64,
+    "INT32": mc.TYPE_INT32,
+    "FP32": mc.TYPE_FP32,
+    "UINT8": mc.TYPE_UINT8,
+}
+
+
+def _group(count: int, gpus: Sequence[int] | None) -> mc.ModelInstanceGroup:
+    if gpus is None:
+        return mc.ModelInstanceGroup(count=count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    return mc.ModelInstanceGroup(count=count, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=list(gpus))
+
+
+def _config(
+    name: str,
+    inputs: Iterable[mc.ModelInput],
+    outputs: Iterable[mc.ModelOutput],
+    groups: Iterable[mc.ModelInstanceGroup],
+    *,
+    backend: str = "",
+    platform: str = "",
+    parameters: Mapping[str, object] | None = None,
+) -> str:
+    config = mc.ModelConfig(
+        name=name,
+        backend=backend,
+        platform=platform,
+        max_batch_size=0,  # shapes carry their own batch axis (CFG x drafts)
+        input=list(inputs),
+        output=list(outputs),
+        instance_group=list(groups),
+    )
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = str(value)
+    return text_format.MessageToString(config)
+
+
+def component_config(
+    name: str,
+    spec: ModelSpec,
+    *,
+    engine: str,
+    instances: int = 1,
+    gpus: Sequence[int] | None = None,
+    parameters: Mapping[str, object] | None = None,
+) -> str:
+    """A pipeline component: ``engine="onnx"`` is a python-backend model running ONNX Runtime on
+    the CPU (``instances`` of it); ``"tensorrt"`` a ``tensorrt_plan`` model with one instance on
+    each of ``gpus``."""
+    ins = [
+        mc.ModelInput(name=t.name, data_type=_NUMPY_TO_TRITON[t.dtype], dims=t.wildcard_shape)
+        for t in spec.inputs
+    ]
+    outs = [
+        mc.ModelOutput(name=t.name, data_type=_NUMPY_TO_TRITON[t.dtype], dims=t.wildcard_shape)
+        for t in spec.outputs
+    ]
+    if engine == "onnx":
+        groups = [_group(instances, None)]
+        return _config(name, ins, outs, groups, backend="python", parameters=parameters)
+    if engine == "tensorrt":
+        if not gpus:
+            raise ValueError("gpus must list at least one GPU index for a TensorRT engine")
+        groups = [_group(1, [g]) for g in gpus]  # one instance per GPU
+        return _config(name, ins, outs, groups, platform="tensorrt_plan", parameters=parameters)
+    raise ValueError(f"engine must be onnx or tensorrt, got {engine!r}")
+
+
+def orchestrator_config(name: str, instances: int) -> str:
+    """The ``driffusion`` BLS model: the request API of ``driffusion.api``."""
+    ins = [
+        mc.ModelInput(
+            name=f.name, data_type=_API_TO_TRITON[f.dtype], dims=f.dims, optional=f.optional
+        )
+        for f in api.INPUTS
+    ]
+    outs = [
+        mc.ModelOutput(name=f.name, data_type=_API_TO_TRITON[f.dtype], dims=f.dims)
+        for f in api.OUTPUTS
+    ]
+    return _config(name, ins, outs, [_group(instances, None)], backend="python")
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    """Parse ``config.pbtxt`` text with Triton's protobuf definition (raises on any error)."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+__all__ = ["component_config", "orchestrator_config", "parse_config"]

@@ -1,0 +1,234 @@
+"""The request API of the served ``driffusion`` model (KServe v2 over gRPC and HTTP).
+
+The single source of the model's input and output names, Triton dtypes, defaults and limits: the
+``config.pbtxt`` writer, the BLS orchestrator and the client all read them from here. Needs only
+numpy, so the client does not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+MODES = ("sequential", "aggressive", "conservative")  # as driffusion.engine.MODES
+FANOUTS = ("instances", "batch")
+K_SCHEDULES = ("fixed", "tapered")
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Field:
+    """One input or output of the ``driffusion`` model."""
+
+    name: str
+    dtype: str  # Triton dtype: BYTES, INT64, INT32, FP32, UINT8
+    dims: tuple[int, ...]
+    doc: str
+    optional: bool = True
+
+
+# Inputs, every one a single element; defaults that depend on the model are marked "model".
+PROMPT = Field("prompt", "BYTES", (1,), "text prompt (required)", optional=False)
+NEGATIVE_PROMPT = Field("negative_prompt", "BYTES", (1,), 'negative prompt; default ""')
+SEED = Field("seed", "INT64", (1,), "noise seed in [0, 2^63-1]; default 0")
+STEPS = Field("steps", "INT32", (1,), "sampler steps S in [1, max_steps]; default: model's")
+GUIDANCE = Field("guidance_scale", "FP32", (1,), "CFG scale >= 0 (<= 1: no CFG); default: model's")
+MODE = Field("mode", "BYTES", (1,), "sequential | aggressive | conservative; default aggressive")
+K = Field("k", "INT32", (1,), "drafts per round, 1..min(steps, max_k); default 4 (capped at steps)")
+K_SCHEDULE = Field(
+    "k_schedule",
+    "BYTES",
+    (1,),
+    "fixed | tapered (k early, then k-1 for the last 40% of steps); default fixed",
+)
+HEIGHT = Field("height", "INT32", (1,), "image height in pixels; default: model's")
+WIDTH = Field("width", "INT32", (1,), "image width in pixels; default: model's")
+FANOUT = Field(
+    "fanout",
+    "BYTES",
+    (1,),
+    "instances (a round's drafts spread over the denoiser instances, "
+    "one request each) | batch (one request); default instances",
+)
+INPUTS = (
+    PROMPT,
+    NEGATIVE_PROMPT,
+    SEED,
+    STEPS,
+    GUIDANCE,
+    MODE,
+    K,
+    K_SCHEDULE,
+    HEIGHT,
+    WIDTH,
+    FANOUT,
+)
+
+IMAGE = Field("image", "UINT8", (-1, -1, 3), "the image, (height, width, RGB)")
+ROUNDS = Field("rounds", "INT32", (1,), "serial denoiser rounds (latency is proportional)")
+EVALUATIONS = Field("evaluations", "INT32", (1,), "states evaluated (about steps in every mode)")
+TEXT_MS = Field("text_ms", "FP32", (1,), "text encoding time, ms")
+DENOISE_MS = Field("denoise_ms", "FP32", (1,), "denoising time (all rounds), ms")
+DECODE_MS = Field("decode_ms", "FP32", (1,), "VAE decoding time, ms")
+OUTPUTS = (IMAGE, ROUNDS, EVALUATIONS, TEXT_MS, DENOISE_MS, DECODE_MS)
+
+NUMPY_DTYPES = {
+    "BYTES": np.object_,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "FP32": np.float32,
+    "UINT8": np.uint8,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, so that no request can exhaust the server."""
+
+    max_steps: int = 1000
+    max_k: int = 8
+    min_size: int = 32
+    max_size: int = 1024
+    size_multiple: int = 8
+    max_prompt_chars: int = 2000  # the tokenizer then caps prompts at its context length
+    max_guidance: float = 50.0
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The model-dependent defaults of a served pipeline."""
+
+    steps: int = 50
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    mode: str = "aggressive"
+    k: int = 4
+    k_schedule: str = "fixed"
+    fanout: str = "instances"
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A validated request."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 50
+    guidance_scale: float = 7.5
+    mode: str = "aggressive"
+    k: int = 4
+    k_schedule: str = "fixed"
+    height: int = 512
+    width: int = 512
+    fanout: str = "instances"
+
+
+def parse_request(
+    values: Mapping[str, np.ndarray | None], limits: Limits, defaults: Defaults
+) -> GenerateRequest:
+    """Validate raw input arrays (``None`` for an absent optional input) into a request.
+
+    Raises ``ValueError`` whose message names the field and the allowed range.
+    """
+    unknown = sorted(set(values) - {f.name for f in INPUTS})
+    if unknown:
+        raise ValueError(f"unknown input(s) {unknown}; inputs are {[f.name for f in INPUTS]}")
+    get = {f.name: _scalar(f, values.get(f.name)) for f in INPUTS}
+    if get["prompt"] is None:
+        raise ValueError("prompt is required: a BYTES tensor of shape [1] holding UTF-8 text")
+    prompt = _text(PROMPT, get["prompt"], limits, allow_empty=False)
+    negative = (
+        _text(NEGATIVE_PROMPT, get["negative_prompt"], limits)
+        if get["negative_prompt"] is not None
+        else ""
+    )
+    steps = _int(STEPS, get["steps"], defaults.steps, 1, limits.max_steps)
+    mode = _choice(MODE, get["mode"], defaults.mode, MODES)
+    k_max = min(steps, limits.max_k)
+    k_default = min(defaults.k, k_max)
+    k = _int(K, get["k"], k_default, 1, k_max, why=f"min(steps={steps}, max_k={limits.max_k})")
+    height = _size(HEIGHT, get["height"], defaults.height, limits)
+    width = _size(WIDTH, get["width"], defaults.width, limits)
+    guidance = get["guidance_scale"]
+    guidance = defaults.guidance_scale if guidance is None else float(guidance)
+    if not (math.isfinite(guidance) and 0.0 <= guidance <= limits.max_guidance):
+        raise ValueError(f"guidance_scale must be in [0, {limits.max_guidance}], got {guidance}")
+    seed = _int(SEED, get["seed"], 0, 0, INT64_MAX)
+    return GenerateRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance,
+        mode=mode,
+        k=k,
+        k_schedule=_choice(K_SCHEDULE, get["k_schedule"], defaults.k_schedule, K_SCHEDULES),
+        height=height,
+        width=width,
+        fanout=_choice(FANOUT, get["fanout"], defaults.fanout, FANOUTS),
+    )
+
+
+def _scalar(field: Field, array: np.ndarray | None):
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if array.size != 1:
+        raise ValueError(
+            f"{field.name} must hold exactly one element (shape [1]), got shape {list(array.shape)}"
+        )
+    value = array.reshape(-1)[0]
+    expected = NUMPY_DTYPES[field.dtype]
+    if field.dtype == "BYTES":
+        if not isinstance(value, (bytes, str)):
+            raise ValueError(f"{field.name} must be BYTES (UTF-8 text), got {array.dtype}")
+    elif array.dtype != expected:
+        raise ValueError(f"{field.name} must be {field.dtype}, got {array.dtype}")
+    return value
+
+
+def _text(field: Field, value, limits: Limits, allow_empty: bool = True) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{field.name} must be UTF-8 text") from None
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{field.name} must not be empty")
+    if len(value) > limits.max_prompt_chars:
+        raise ValueError(
+            f"{field.name} is {len(value)} characters; at most {limits.max_prompt_chars} allowed"
+        )
+    return value
+
+
+def _int(field: Field, value, default: int, low: int, high: int, why: str = "") -> int:
+    value = default if value is None else int(value)
+    if not low <= value <= high:
+        bound = f"{high}" + (f" = {why}" if why else "")
+        raise ValueError(f"{field.name} must be in [{low}, {bound}], got {value}")
+    return value
+
+
+def _choice(field: Field, value, default: str, allowed: tuple[str, ...]) -> str:
+    if value is None:
+        return default
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    if text not in allowed:
+        raise ValueError(f"{field.name} must be one of {', '.join(allowed)}, got {text!r}")
+    return text
+
+
+def _size(field: Field, value, default: int, limits: Limits) -> int:
+    value = _int(field, value, default, limits.min_size, limits.max_size)
+    if value % limits.size_multiple:
+        raise ValueError(
+            f"{field.name} must be a multiple of {limits.size_multiple} in "
+            f"[{limits.min_size}, {limits.max_size}], got {value}"
+        )
+    return value

@@ -1,0 +1,110 @@
+"""The orchestrator's host logic without Triton: model calls go to ONNX Runtime sessions over the
+repository's own ONNX files, and the result is compared with the diffusers pipeline itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from driffusion import api, count_rounds
+from driffusion.export.tiny import load_tiny_pipeline
+from driffusion.service import Orchestrator
+
+
+@pytest.fixture(scope="module")
+def orchestrator(tiny_repository):
+    return Orchestrator.load(tiny_repository / "driffusion" / "1")
+
+
+@pytest.fixture(scope="module")
+def infer(tiny_repository):
+    """``infer(model, inputs, outputs)`` over ONNX Runtime, counting calls per model."""
+    sessions, calls = {}, []
+
+    async def run(model, inputs, outputs):
+        if model not in sessions:
+            sessions[model] = ort.InferenceSession(
+                str(tiny_repository / model / "1" / "model.onnx")
+            )
+        calls.append((model, next(iter(inputs.values())).shape[0]))
+        return dict(zip(outputs, sessions[model].run(list(outputs), dict(inputs)), strict=True))
+
+    run.calls = calls
+    return run
+
+
+def generate(orchestrator, infer, **fields):
+    values = {
+        f.name: np.array([v.encode() if isinstance(v, str) else v], dtype=api.NUMPY_DTYPES[f.dtype])
+        for f in api.INPUTS
+        if (v := fields.get(f.name)) is not None
+    }
+    return asyncio.run(orchestrator.generate(orchestrator.parse(values), infer))
+
+
+def test_sequential_matches_the_diffusers_pipeline(orchestrator, infer, tiny_pipeline_dir):
+    pipe = load_tiny_pipeline(tiny_pipeline_dir)
+    ref = pipe(
+        "a red square",
+        num_inference_steps=12,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+    ).images[0]
+    ref = (ref * 255).round().astype(np.uint8)
+    out = generate(
+        orchestrator,
+        infer,
+        prompt="a red square",
+        steps=12,
+        guidance_scale=5.0,
+        seed=7,
+        mode="sequential",
+    )
+    assert out.image.shape == ref.shape and out.image.dtype == np.uint8
+    # ONNX Runtime vs torch differ by ~1e-6: at most one uint8 level after rounding.
+    assert np.abs(out.image.astype(int) - ref).max() <= 1
+
+
+def test_rounds_and_denoiser_batches_follow_the_plan(orchestrator, infer):
+    infer.calls.clear()
+    out = generate(
+        orchestrator,
+        infer,
+        prompt="x",
+        steps=20,
+        mode="aggressive",
+        k=4,
+        fanout="batch",
+        guidance_scale=3.0,
+    )
+    assert (out.rounds, out.evaluations) == count_rounds(20, "aggressive", 4)
+    batches = [rows for model, rows in infer.calls if model == "denoiser"]
+    assert len(batches) == out.rounds  # one batched request per round
+    assert sum(batches) == 2 * out.evaluations  # every state as its CFG pair
+
+
+def test_fanout_spreads_a_round_over_the_denoiser_instances(orchestrator, infer):
+    infer.calls.clear()
+    out = generate(
+        orchestrator,
+        infer,
+        prompt="x",
+        steps=20,
+        mode="aggressive",
+        k=8,
+        fanout="instances",
+        guidance_scale=3.0,
+    )
+    batches = [rows for model, rows in infer.calls if model == "denoiser"]
+    # 4 instances: a round of 8 drafts goes out as 4 requests of 2 states (4 CFG rows) each
+    assert max(batches) == 4 and sum(batches) == 2 * out.evaluations
+
+
+def test_over_long_prompts_are_rejected_with_the_limit(orchestrator):
+    with pytest.raises(ValueError, match=r"prompt is \d+ tokens for text_encoder; at most 75"):
+        orchestrator.parse({"prompt": np.array([("word " * 100).encode()], dtype=object)})
