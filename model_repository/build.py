@@ -44,6 +44,7 @@ class RepositorySettings:
     emulated_latency_ms: float = 0.0  # pad each denoiser call (stands for a GPU on a CPU box)
     emulated_latency_per_item_ms: float = 0.0  # ... plus this per batch row
     intra_op_threads: int = 1  # ONNX Runtime threads per instance
+    model_timeout_s: float = 120.0  # a model call not answered by then fails its request
     default_steps: int | None = None  # None: the family's
     default_guidance: float | None = None  # None: the family's
 
@@ -51,6 +52,8 @@ class RepositorySettings:
         for name in ("denoiser_instances", "orchestrator_instances", "max_k", "intra_op_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.model_timeout_s > 0:
+            raise ValueError(f"model_timeout_s must be > 0, got {self.model_timeout_s}")
         for name in ("emulated_latency_ms", "emulated_latency_per_item_ms"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -119,6 +122,7 @@ def _write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: Reposi
     service = ServiceSettings(
         family=family,
         denoiser_instances=settings.denoiser_instances,
+        model_timeout_s=settings.model_timeout_s,
         limits=api.Limits(
             max_k=settings.max_k,
             min_size=family.min_size,

@@ -55,7 +55,12 @@ class RequestCancelled(Exception):
 
 
 class ModelCallError(RuntimeError):
-    """A model the orchestrator called failed; the message names the model."""
+    """A model the orchestrator called failed; the message names the model. ``retryable``: the
+    failure belongs to one instance (it crashed or hung), so another instance may succeed."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class ServiceSettings:
 
     family: FamilySpec
     denoiser_instances: int = 4  # fan-out width: one request per instance per round
+    model_timeout_s: float = 120.0  # a model call not answered by then fails the request
     limits: api.Limits = field(default_factory=api.Limits)
     defaults: api.Defaults = field(default_factory=api.Defaults)
 
@@ -71,6 +77,7 @@ class ServiceSettings:
         data = {
             "family": family_to_dict(self.family),
             "denoiser_instances": self.denoiser_instances,
+            "model_timeout_s": self.model_timeout_s,
             "limits": self.limits.__dict__,
             "defaults": self.defaults.__dict__,
         }
@@ -82,6 +89,7 @@ class ServiceSettings:
         return cls(
             family=family_from_dict(data["family"]),
             denoiser_instances=int(data["denoiser_instances"]),
+            model_timeout_s=float(data["model_timeout_s"]),
             limits=api.Limits(**data["limits"]),
             defaults=api.Defaults(**data["defaults"]),
         )
@@ -178,6 +186,7 @@ class Orchestrator:
         cancelled: Callable[[], bool] = lambda: False,
     ) -> GenerateOutput:
         start = time.perf_counter()
+        infer = self._with_deadline(infer)
         cfg = req.guidance_scale > 1.0  # as diffusers' do_classifier_free_guidance
         cond = await self._encode_text(req, cfg, infer)
         text_done = time.perf_counter()
@@ -218,6 +227,31 @@ class Orchestrator:
             denoise_ms=(denoise_done - text_done) * 1e3,
             decode_ms=(end - denoise_done) * 1e3,
         )
+
+    def _with_deadline(self, infer: Infer) -> Infer:
+        """``infer`` that gives up on a call after ``model_timeout_s`` and retries a denoiser call
+        that failed in one instance (crashed or hung) on the others: the request completes on the
+        remaining instances. A hung instance's late answer is dropped."""
+        timeout = self.settings.model_timeout_s
+        denoiser_retries = min(self.settings.denoiser_instances - 1, 2)
+
+        async def call(model, inputs, outputs):
+            retries = denoiser_retries if model == DENOISER else 0
+            attempt = 0
+            while True:
+                try:
+                    return await asyncio.wait_for(infer(model, inputs, outputs), timeout)
+                except asyncio.TimeoutError:
+                    error = ModelCallError(
+                        f"model {model} did not answer within {timeout:g} s", retryable=True
+                    )
+                except ModelCallError as exc:
+                    error = exc
+                if not error.retryable or attempt >= retries:
+                    raise error
+                attempt += 1
+
+        return call
 
     async def _encode_text(self, req, cfg: bool, infer: Infer) -> dict[str, np.ndarray]:
         """Denoiser conditions, one row per CFG branch: (uncond, cond) or (cond,)."""

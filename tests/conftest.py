@@ -60,3 +60,24 @@ def tiny_repository(tiny_pipeline_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("repository") / "repo"
     return build_repository(tiny_pipeline_dir, out, RepositorySettings(), progress=None)
+
+
+# --- opt-in slow tests (issue #4): tests marked `slow` run only with `pytest --run-slow` ---------
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow", action="store_true", default=False, help="also run tests marked slow"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# --- end of opt-in slow tests ------------------------------------------------------------------

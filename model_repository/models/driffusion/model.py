@@ -53,5 +53,10 @@ class TritonPythonModel:
         )
         response = await request.async_exec()
         if response.has_error():
-            raise ModelCallError(f"model {model} failed: {response.error().message()}")
+            message = response.error().message()
+            # a crashed stub stays down in Triton 2.51: retry the call on another instance
+            unhealthy = "is not healthy" in message
+            if unhealthy:
+                self.logger.log_error(f"{model}: {message.rstrip('.')}; retrying on another instance")
+            raise ModelCallError(f"model {model} failed: {message}", retryable=unhealthy)
         return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
