@@ -100,14 +100,14 @@ def build_repository(
             params["emulated_latency_per_item_ms"] = settings.emulated_latency_per_item_ms
         config = component_config(role, spec, engine="onnx", instances=instances, parameters=params)
         (out / role / "config.pbtxt").write_text(config)
-    _write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
+    write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
     manifest = {"pipeline": str(Path(pipeline).resolve()), "settings": asdict(settings)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"[repository] {out} ready in {time.perf_counter() - start:.1f} s")
     return out
 
 
-def _write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: RepositorySettings):
+def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: RepositorySettings):
     version = folder / "1"
     assets = version / "pipeline"
     if assets.exists():

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.register(sub)
     demo.register(sub)
+    from .export import cli as export_cli
+
+    export_cli.register(sub)
     return parser
 
 

@@ -57,6 +57,7 @@ class TritonPythonModel:
             # a crashed stub stays down in Triton 2.51: retry the call on another instance
             unhealthy = "is not healthy" in message
             if unhealthy:
-                self.logger.log_error(f"{model}: {message.rstrip('.')}; retrying on another instance")
+                reason = message.rstrip(".")
+                self.logger.log_error(f"{model}: {reason}; retrying on another instance")
             raise ModelCallError(f"model {model} failed: {message}", retryable=unhealthy)
         return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
