@@ -130,6 +130,9 @@ class Orchestrator:
         from transformers import CLIPTokenizer
 
         self.settings, self.family = settings, settings.family
+        # Host work is small elementwise math beside several model processes on the same cores:
+        # more than one intra-op thread only adds contention (measured: BENCHMARKS.md, core).
+        torch.set_num_threads(1)
         self.tokenizers = {
             role: CLIPTokenizer.from_pretrained(Path(pipeline_dir) / TOKENIZER_DIRS[role])
             for role in self.family.text_roles
