@@ -40,7 +40,31 @@ def demo(args: argparse.Namespace) -> int:
         bench_args = build_parser().parse_args(bench)
         code = bench_args.func(bench_args)
     print("[demo] server stopped", flush=True)
+    if code == 0:
+        side = side_by_side(
+            [args.out_dir / "sequential.png", args.out_dir / f"{args.mode}-k{args.k}.png"],
+            args.out_dir / "comparison.png",
+        )
+        print(f"[demo] sequential | {args.mode} k={args.k}, enlarged: {side}")
     return code
+
+
+def side_by_side(paths: list[Path], out: Path, height: int = 256) -> Path:
+    """The images next to each other, enlarged (nearest neighbour) to ``height`` pixels."""
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    scaled = [im.resize((im.width * height // im.height, height), Image.NEAREST) for im in images]
+    gap = 8
+    canvas = Image.new(
+        "RGB", (sum(im.width for im in scaled) + gap * (len(scaled) - 1), height), "white"
+    )
+    x = 0
+    for im in scaled:
+        canvas.paste(im, (x, 0))
+        x += im.width + gap
+    canvas.save(out)
+    return out
 
 
 def register(sub) -> None:
