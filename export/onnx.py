@@ -266,7 +266,7 @@ def export_pipeline_to_onnx(
         path = out_dir / role / MODEL_FILE
         paths[role] = path
         if path.exists() and not force:
-            if _matches_spec(path, spec):
+            if matches_spec(path, spec):
                 say(f"[onnx] {family_spec.name}/{role}: {path} exists, skipped (force re-exports)")
                 continue
             say(f"[onnx] {family_spec.name}/{role}: {path} has other inputs/outputs, re-exporting")
@@ -323,7 +323,7 @@ def _check_graph(model: onnx.ModelProto, spec: ModelSpec) -> None:
             raise ExportError(f"{spec.role}: ONNX graph {kind} {io[kind]} differ from spec {want}")
 
 
-def _matches_spec(path: Path, spec: ModelSpec) -> bool:
+def matches_spec(path: Path, spec: ModelSpec) -> bool:
     """Whether an existing ONNX file has the spec's inputs and outputs (weights not compared)."""
     try:
         _check_graph(onnx.load(str(path), load_external_data=False), spec)

@@ -68,7 +68,7 @@ def build_repository(
     progress: Callable[[str], object] | None = print,
 ) -> Path:
     """Export ``pipeline`` (a diffusers folder) and write the repository to ``out``."""
-    from driffusion.export.onnx import export_component
+    from driffusion.export.onnx import export_component, matches_spec
     from driffusion.export.pipelines import load_pipeline
 
     settings = settings or RepositorySettings()
@@ -79,12 +79,17 @@ def build_repository(
     say(f"[repository] loading {pipeline}")
     pipe = load_pipeline(pipeline)
     family = family_for_pipeline(settings.family, pipe)
+    previous = read_manifest(out)
+    source = str(Path(pipeline).resolve())
+    if previous is not None and previous.get("pipeline") != source and not force:
+        say(f"[repository] {out} was built from {previous.get('pipeline')}: re-exporting")
+        force = True
     trace = (family.min_size, family.min_size)
     for role, spec in family.components.items():
         version = out / role / "1"
         version.mkdir(parents=True, exist_ok=True)
         onnx = version / "model.onnx"
-        if force or not onnx.exists():
+        if force or not onnx.exists() or not matches_spec(onnx, spec):
             t0 = time.perf_counter()
             say(f"[repository] exporting {role} to ONNX ...")
             export_component(pipe, spec, onnx, trace_size=trace)
@@ -101,7 +106,7 @@ def build_repository(
         config = component_config(role, spec, engine="onnx", instances=instances, parameters=params)
         (out / role / "config.pbtxt").write_text(config)
     write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
-    manifest = {"pipeline": str(Path(pipeline).resolve()), "settings": asdict(settings)}
+    manifest = {"pipeline": source, "settings": asdict(settings)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"[repository] {out} ready in {time.perf_counter() - start:.1f} s")
     return out
