@@ -15,6 +15,7 @@ unless ``force``; configs and settings are always rewritten (cheap, and they fol
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -80,10 +81,11 @@ def build_repository(
     pipe = load_pipeline(pipeline)
     family = family_for_pipeline(settings.family, pipe)
     previous = read_manifest(out)
-    source = str(Path(pipeline).resolve())
-    if previous is not None and previous.get("pipeline") != source and not force:
-        say(f"[repository] {out} was built from {previous.get('pipeline')}: re-exporting")
-        force = True
+    source, fingerprint = str(Path(pipeline).resolve()), pipeline_fingerprint(pipeline)
+    if previous is not None and not force:
+        if (previous.get("pipeline"), previous.get("fingerprint")) != (source, fingerprint):
+            say(f"[repository] {out} was built from another pipeline or weights: re-exporting")
+            force = True
     trace = (family.min_size, family.min_size)
     for role, spec in family.components.items():
         version = out / role / "1"
@@ -106,7 +108,7 @@ def build_repository(
         config = component_config(role, spec, engine="onnx", instances=instances, parameters=params)
         (out / role / "config.pbtxt").write_text(config)
     write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
-    manifest = {"pipeline": source, "settings": asdict(settings)}
+    manifest = {"pipeline": source, "fingerprint": fingerprint, "settings": asdict(settings)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"[repository] {out} ready in {time.perf_counter() - start:.1f} s")
     return out
@@ -150,6 +152,17 @@ def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: Reposit
     (folder / "config.pbtxt").write_text(
         orchestrator_config(ORCHESTRATOR, settings.orchestrator_instances)
     )
+
+
+def pipeline_fingerprint(pipeline: str | Path) -> str:
+    """A cheap identity of a pipeline folder's files (path, size, mtime): changes when it is
+    retrained or replaced, so the repository is re-exported instead of serving stale weights."""
+    folder = Path(pipeline)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def read_manifest(repository: str | Path) -> dict | None:
