@@ -11,8 +11,9 @@ initial noise with DDIM, and is judged by the model's own digit classifier
 - *PSNR*: against the sequential image of the same noise and prompt, per image, then averaged;
 - *ideal speedup*: S / rounds (serial denoiser rounds).
 
-Writes the ``quality`` section of BENCHMARKS.md and `docs/figures/digits_modes.png`. Not a test:
-nothing here asserts.
+Cells run in worker processes (``--workers``, one torch thread each) and each finished cell is
+kept in ``--cache``, so an interrupted run resumes where it stopped. Writes the ``quality`` section
+of BENCHMARKS.md and `docs/figures/digits_modes.png`. Not a test: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ SCHEDULES = {  # aggressive k schedules beyond the paper, run at the schedule st
     # over tapers at 100 images (on this model the draft error comes from the first blocks)
     "tapered(3, 6, 0.2)": tapered(3, 6, 0.2),
 }
-SCHEDULE_STEPS = (50, 28)
+SCHEDULE_STEPS = (50, 28, 20)  # the issue asks for 50 and 28; 20 shows where they break
 GRID_SCHEDULE = "tapered(3, 6, 0.2)"  # the tapered row of the figure
 OTHER_SEEDS = 10_000  # seed offset of the "sequential, other seeds" row (metric noise)
 PSNR_CAP = 100.0  # dB, for an image identical to the sequential one
@@ -293,72 +294,118 @@ def _versus(row: Scored, seq: Scored) -> str:
     )
 
 
+def _targets_met(row: Scored, seq: Scored) -> bool:
+    """The issue's targets: accuracy within 1 point and Frechet distance within 5% of sequential."""
+    return seq.accuracy - row.accuracy <= 0.01 and row.frechet <= 1.05 * seq.frechet
+
+
+def _dominates(a: Scored, b: Scored, acc_tol: float, fd_tol: float) -> bool:
+    """No more rounds and no lower PSNR (one of them strictly better), and neither accuracy nor
+    Frechet distance worse than b's by more than the seed-to-seed noise."""
+    return (
+        a.rounds <= b.rounds
+        and a.psnr >= b.psnr
+        and (a.rounds < b.rounds or a.psnr > b.psnr)
+        and a.accuracy >= b.accuracy - acc_tol
+        and a.frechet <= b.frechet * (1 + fd_tol)
+    )
+
+
 def reading(scored: list[Scored], steps_list: list[int]) -> str:
-    """The targets and the dominance statements, computed from the table (nothing hand-written)."""
+    """Targets, metric noise, dominance and where it breaks, all computed from the table."""
     out = []
     s0 = steps_list[0]
     seq, k4 = _find(scored, s0, "sequential", "-"), _find(scored, s0, "aggressive", "4")
     other = _find(scored, s0, "sequential", "- (other seeds)", OTHER_SEEDS)
     if seq and k4:
-        acc_ok = seq.accuracy - k4.accuracy <= 0.01
-        fd_ok = k4.frechet <= 1.05 * seq.frechet
         out.append(
             f"**Targets** (S={s0}, aggressive k=4 against sequential: accuracy within 1 point, "
-            f"Frechet distance within 5%): {_versus(k4, seq)}; accuracy target "
-            f"{'met' if acc_ok else 'MISSED'}, Frechet target {'met' if fd_ok else 'MISSED'}."
+            f"Frechet distance within 5%): {_versus(k4, seq)}: "
+            f"{'met' if _targets_met(k4, seq) else 'MISSED'}."
         )
+    acc_tol = fd_tol = 0.0
     if seq and other:
-        out.append(
-            f"**Metric noise**: the sequential sampler itself, on other seeds, moves accuracy "
+        acc_tol = abs(other.accuracy - seq.accuracy)
+        fd_tol = abs(other.frechet / seq.frechet - 1)
+        paired = [r for r in scored if r.psnr is not None]
+        ref = {r.cell.steps: r for r in scored if r.cell.label == "-"}
+        fd_moves = max(abs(r.frechet / ref[r.cell.steps].frechet - 1) for r in paired)
+        text = (
+            f"**Metric noise**: the sequential sampler on other seeds moves accuracy "
             f"{100 * (other.accuracy - seq.accuracy):+.1f} points and the Frechet distance "
-            f"{other.frechet / seq.frechet - 1:+.1%}: the scale of a difference between two "
-            "unrelated sample sets. The other rows share the sequential row's noise, so their "
-            "differences from it are systematic, not sampling noise."
+            f"{other.frechet / seq.frechet - 1:+.1%}, the scale of a difference between unrelated "
+            f"sample sets; every other row shares its sequential row's noise, and no DRiffusion "
+            f"row moves the Frechet distance by more than {fd_moves:.1%}. "
         )
-    # Dominance: a schedule dominates fixed k when it needs no more rounds, loses no PSNR, and
-    # neither accuracy nor Frechet distance is worse by more than the seed noise above.
-    acc_tol = abs(other.accuracy - seq.accuracy) if seq and other else 0.0
-    fd_tol = abs(other.frechet / seq.frechet - 1) if seq and other else 0.0
+        if len({r.accuracy for r in scored}) == 1:
+            text += (
+                f"Accuracy is {seq.accuracy:.1%} in every cell: at this guidance the classifier "
+                "cannot tell the cells apart, and PSNR is the metric that separates them."
+            )
+        out.append(text)
     for s in steps_list:
+        schedules = [r for r in scored if r.cell.steps == s and r.cell.label in SCHEDULES]
         fixed = [
             r
             for r in scored
-            if r.cell.steps == s
-            and r.cell.mode == "aggressive"
-            and r.cell.label in {str(k) for k in FIXED_K}
+            if r.cell.steps == s and r.cell.mode == "aggressive" and r.cell.label.isdigit()
         ]
-        found = []
-        for sch in (r for r in scored if r.cell.steps == s and r.cell.label in SCHEDULES):
-            for f in fixed:
-                if (
-                    sch.rounds <= f.rounds
-                    and sch.psnr >= f.psnr
-                    and (sch.rounds < f.rounds or sch.psnr > f.psnr)
-                    and sch.accuracy >= f.accuracy - acc_tol
-                    and sch.frechet <= f.frechet * (1 + fd_tol)
-                ):
-                    found.append(
-                        f"`{sch.cell.label}` dominates fixed k={f.cell.label} "
-                        f"({sch.rounds} vs {f.rounds} rounds, PSNR {sch.psnr:.1f} vs "
-                        f"{f.psnr:.1f} dB, accuracy {sch.accuracy:.1%} vs {f.accuracy:.1%}, "
-                        f"Frechet {sch.frechet:.2f} vs {f.frechet:.2f})"
-                    )
-        if any(r.cell.steps == s and r.cell.label in SCHEDULES for r in scored):
-            verdict = "; ".join(found) if found else "no schedule dominates a fixed k"
-            out.append(f"**S={s}, aggressive schedules**: {verdict}.")
+        if not schedules:
+            continue
+        wins, losers = [], []
+        for sch in schedules:
+            beaten = [f for f in fixed if _dominates(sch, f, acc_tol, fd_tol)]
+            wins += [
+                f"`{sch.cell.label}` dominates fixed k={f.cell.label} ({sch.rounds} vs "
+                f"{f.rounds} rounds, PSNR {sch.psnr:.1f} vs {f.psnr:.1f} dB, Frechet "
+                f"{sch.frechet:.2f} vs {f.frechet:.2f})"
+                for f in beaten
+            ]
+            if not beaten:
+                losers.append(f"`{sch.cell.label}` ({sch.rounds} rounds, {sch.psnr:.1f} dB)")
+        verdict = "; ".join(wins) if wins else "no schedule dominates a fixed k"
+        if losers:
+            verdict += f"; {', '.join(losers)} dominate no fixed k"
+        out.append(f"**S={s}, aggressive schedules**: {verdict}.")
+    late = _find(scored, s0, "aggressive", "tapered(4, 3)")  # k=4 with smaller late blocks
+    five = [
+        _find(scored, s0, "aggressive", name) for name in ("tapered(5, 4)", "tapered(5, 3, 0.7)")
+    ]
+    if k4 and late and all(five) and abs(late.psnr - k4.psnr) < 0.5:
+        out.append(
+            f"**Where the error comes from** (S={s0}): `tapered(4, 3)` differs from k=4 only in "
+            f"the late, low-noise blocks and moves PSNR by {late.psnr - k4.psnr:+.1f} dB; "
+            f"`tapered(5, 4)` and `tapered(5, 3, 0.7)` share their first blocks and differ by "
+            f"{five[1].psnr - five[0].psnr:+.1f} dB. On this model the first, high-noise blocks "
+            "set the draft error, unlike the exact Gaussian mixture of the core section, where "
+            "it sits in the last blocks; hence the reverse taper: small blocks first, large after."
+        )
     breaks = []
     for s in steps_list:
         ref = _find(scored, s, "sequential", "-")
         for label in ("4", GRID_SCHEDULE):
             row = _find(scored, s, "aggressive", label)
             if ref and row:
-                breaks.append(f"S={s}, k={label}: {_versus(row, ref)}")
+                met = "targets met" if _targets_met(row, ref) else "targets MISSED"
+                name = f"k={label}" if label.isdigit() else f"`{label}`"
+                breaks.append(f"S={s}, {name}: {row.rounds} rounds, {_versus(row, ref)} ({met})")
     if breaks:
         out.append(
             "**Fewer steps** (aggressive against the sequential sampler at the same S): "
             + "; ".join(breaks)
             + "."
         )
+    ref = {r.cell.steps: r for r in scored if r.cell.label == "-"}
+    missed = [
+        f"S={r.cell.steps} {r.cell.mode} k={r.cell.label} ({_versus(r, ref[r.cell.steps])})"
+        for r in scored
+        if r.psnr is not None and not _targets_met(r, ref[r.cell.steps])
+    ]
+    out.append(
+        "**Rows that miss the targets** against their own S: "
+        + ("; ".join(missed) if missed else "none")
+        + "."
+    )
     return "\n\n".join(out)
 
 
@@ -382,24 +429,22 @@ def main() -> None:
     if args.quick:
         args.images, args.steps = 100, [50]
     torch.set_num_threads(args.threads)
-    start = time.time()
     scored, ref, grid = run(args)
-    minutes = (time.time() - start) / 60
     save_grid(grid, args.steps[0], FIGURE)
     body = f"""## Image quality on the digits model (`benchmarks/bench_quality.py`)
 
 The embedded digits model (`{Path(args.model).name}`: latent diffusion, v-prediction, DDIM eta=0),
-guidance {args.guidance}, prompt "{TEMPLATE}" for digits 0-9 in turn, {args.images} images per
-cell, the same initial noise in every cell (the "other seeds" row excepted). Metrics, analogues of
-the paper's: *accuracy*, the digits classifier reads the prompted digit (CLIP score); *Frechet
-distance* in that classifier's 64-d features to the {ref["held_out"]} held-out real digits (FID);
-*PSNR* against the sequential image of the same noise, mean over images; *ideal speedup* S /
-rounds. References: the classifier reads {ref["held_out_accuracy"]:.1%} of the held-out real
-digits; the real training split is at Frechet distance {ref["train_vs_held_out_frechet"]:.2f}
-from them. *wall s*: seconds per cell on this shared 2-core CPU ({args.workers} cells at a time,
-one process and {args.threads} torch thread each), each round's drafts as one batch; on a CPU the
-batch of k states costs about k times one state, so wall time is the cost of this benchmark, not
-the latency claim.
+guidance {args.guidance}, prompt "{TEMPLATE}" for digits 0-9 in turn, {args.images}
+images per cell, the same initial noise in every cell (the "other seeds" row excepted).
+Metrics, analogues of the paper's: *accuracy*, the digits classifier reads the prompted digit
+(CLIP score); *Frechet distance* in that classifier's 64-d features to the {ref["held_out"]}
+held-out real digits (FID); *PSNR* against the sequential image of the same noise, mean over
+images; *ideal speedup* S / rounds. References: the classifier reads
+{ref["held_out_accuracy"]:.1%} of the held-out real digits; the real training split is at
+Frechet distance {ref["train_vs_held_out_frechet"]:.2f} from them. *wall s*: seconds per cell on
+this shared 2-core CPU ({args.workers} cells at a time, one process and {args.threads} torch
+thread each), each round's drafts as one batch; on a CPU a batch of k states costs about k
+times one state, so wall time is the cost of this benchmark, not the latency claim.
 
 {table(scored)}
 
@@ -407,8 +452,8 @@ the latency claim.
 
 ![digits 0-9, same noise per column; rows as labelled](docs/figures/digits_modes.png)
 
-The cells' wall times add up to {sum(r.seconds for r in scored) / 60:.0f} min ({args.workers} at a
-time); this run took {minutes:.0f} min.
+Sampling cost: the cells' wall times add up to {sum(r.seconds for r in scored) / 60:.0f} min,
+{args.workers} cells at a time.
 """
     write_section("quality", body)
 

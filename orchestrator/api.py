@@ -15,7 +15,8 @@ import numpy as np
 
 MODES = ("sequential", "aggressive", "conservative")  # as driffusion.engine.MODES
 FANOUTS = ("instances", "batch")
-K_SCHEDULES = ("fixed", "tapered")
+K_SCHEDULES = ("fixed", "tapered", "ramp")
+RAMP_EXTRA = 2  # ramp: k-1 for the first 20% of steps, then k + RAMP_EXTRA
 INT64_MAX = 2**63 - 1
 
 
@@ -42,7 +43,8 @@ K_SCHEDULE = Field(
     "k_schedule",
     "BYTES",
     (1,),
-    "fixed | tapered (k early, then k-1 for the last 40% of steps); default fixed",
+    "fixed | tapered (k, then k-1 for the last 40% of steps) | ramp (k-1 for the first 20% of "
+    "steps, then k+2; needs k+2 <= max_k); default fixed",
 )
 HEIGHT = Field("height", "INT32", (1,), "image height in pixels; default: model's")
 WIDTH = Field("width", "INT32", (1,), "image width in pixels; default: model's")
@@ -159,6 +161,12 @@ def parse_request(
     if not (math.isfinite(guidance) and 0.0 <= guidance <= limits.max_guidance):
         raise ValueError(f"guidance_scale must be in [0, {limits.max_guidance}], got {guidance}")
     seed = _int(SEED, get["seed"], 0, 0, INT64_MAX)
+    k_schedule = _choice(K_SCHEDULE, get["k_schedule"], defaults.k_schedule, K_SCHEDULES)
+    if k_schedule == "ramp" and k + RAMP_EXTRA > limits.max_k:
+        raise ValueError(
+            f"k must be in [1, {limits.max_k - RAMP_EXTRA}] with k_schedule=ramp "
+            f"(its late blocks are k+{RAMP_EXTRA} <= max_k={limits.max_k}), got {k}"
+        )
     return GenerateRequest(
         prompt=prompt,
         negative_prompt=negative,
@@ -167,7 +175,7 @@ def parse_request(
         guidance_scale=guidance,
         mode=mode,
         k=k,
-        k_schedule=_choice(K_SCHEDULE, get["k_schedule"], defaults.k_schedule, K_SCHEDULES),
+        k_schedule=k_schedule,
         height=height,
         width=width,
         fanout=_choice(FANOUT, get["fanout"], defaults.fanout, FANOUTS),

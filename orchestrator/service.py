@@ -50,6 +50,15 @@ SETTINGS_FILE = "settings.json"
 TOKENIZER_DIRS = {TEXT_ENCODER: "tokenizer", TEXT_ENCODER_2: "tokenizer_2"}
 
 
+def k_spec(k: int, schedule: str):
+    """The block sizes a request's ``k`` and ``k_schedule`` name (see ``api.K_SCHEDULE``)."""
+    if schedule == "tapered":  # best on the exact Gaussian mixture (BENCHMARKS.md, core)
+        return tapered(k, max(k - 1, 1))
+    if schedule == "ramp":  # best on the trained digits model (BENCHMARKS.md, quality)
+        return tapered(max(k - 1, 1), k + api.RAMP_EXTRA, switch=0.2)
+    return k
+
+
 class RequestCancelled(Exception):
     """The client cancelled the request (or its deadline passed) between two rounds."""
 
@@ -204,7 +213,7 @@ class Orchestrator:
         # as diffusers' prepare_latents: randn on a CPU generator, times init_noise_sigma
         x = torch.randn((1, self.family.latent_channels, *latent_hw), generator=generator)
         x = x * float(getattr(scheduler, "init_noise_sigma", 1.0))
-        k = tapered(req.k, max(req.k - 1, 1)) if req.k_schedule == "tapered" else req.k
+        k = k_spec(req.k, req.k_schedule)
         mode = req.mode
         noise = StepNoise(x, generator) if schedule.stochastic else None
         engine = draft_and_refine(x, schedule, mode, k, noise)

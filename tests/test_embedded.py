@@ -53,3 +53,35 @@ def test_driffusion_aggressive_k4_draws_them_too(pipe):
         assert pipe.driffusion.last_result.rounds == 6
     finally:
         pipe.driffusion.restore()
+
+
+def test_served_images_match_the_library(pipe, tmp_path, start_triton_server):
+    """A short run of the quality benchmark's sampling through Triton: the same prompt, seed and
+    mode give the image the diffusers pipeline (with parallelize for DRiffusion) gives."""
+    from driffusion.client import DriffusionClient
+    from driffusion.model_repository.build import RepositorySettings, build_repository
+
+    repo = build_repository(EMBEDDED, tmp_path / "repo", RepositorySettings(), progress=None)
+    server = start_triton_server(repo)
+    with DriffusionClient(server.grpc_url) as client:
+        client.wait_ready(timeout_s=120)
+        for mode, k in (("sequential", 1), ("aggressive", 4)):
+            served = client.generate(
+                "a handwritten digit three", steps=20, seed=3, guidance_scale=3.0, mode=mode, k=k
+            ).image
+            if mode != "sequential":
+                parallelize(pipe, mode=mode, k=k)
+            try:
+                ref = pipe(
+                    "a handwritten digit three",
+                    num_inference_steps=20,
+                    guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(3),
+                    output_type="np",
+                ).images[0]
+            finally:
+                if mode != "sequential":
+                    pipe.driffusion.restore()
+            ref = (ref * 255).round().astype(np.uint8)
+            # ONNX Runtime against torch: at most one uint8 level after rounding
+            assert np.abs(served.astype(int) - ref).max() <= 1, mode

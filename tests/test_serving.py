@@ -72,6 +72,13 @@ def test_the_tapered_k_schedule_takes_fewer_rounds(client):
     assert tapered.rounds > fixed.rounds
 
 
+def test_the_ramp_k_schedule_runs_the_blocks_it_names(client):
+    from driffusion import tapered
+
+    ramp = client.generate("a dot", steps=50, seed=1, k=4, k_schedule="ramp")
+    assert ramp.rounds == count_rounds(50, "aggressive", tapered(3, 6, switch=0.2))[0] == 12
+
+
 BAD_INPUTS = [  # (inputs, text the INVALID_ARG message must contain)
     ({"steps": 0}, "steps must be in [1, 1000], got 0"),
     ({"steps": 1001}, "steps must be in [1, 1000], got 1001"),
@@ -80,7 +87,8 @@ BAD_INPUTS = [  # (inputs, text the INVALID_ARG message must contain)
     ({"k": 3, "steps": 2}, "k must be in [1, 2 = min(steps=2, max_k=8)], got 3"),
     ({"mode": "fast"}, "mode must be one of sequential, aggressive, conservative, got 'fast'"),
     ({"fanout": "gpus"}, "fanout must be one of instances, batch, got 'gpus'"),
-    ({"k_schedule": "x"}, "k_schedule must be one of fixed, tapered, got 'x'"),
+    ({"k_schedule": "x"}, "k_schedule must be one of fixed, tapered, ramp, got 'x'"),
+    ({"k": 7, "k_schedule": "ramp"}, "k must be in [1, 6] with k_schedule=ramp"),
     ({"height": 60}, "height must be a multiple of 16 in [16, 80], got 60"),
     ({"width": 4096}, "width must be in [16, 80], got 4096"),
     ({"guidance_scale": -1.0}, "guidance_scale must be in [0, 50.0], got -1.0"),
