@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -40,6 +41,25 @@ from pathlib import Path
 
 _PIP_HINT = "install the server extra: pip install 'driffusion[server]'"
 _SHM_DIR = Path("/dev/shm")
+
+
+Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def read_metrics(url: str, timeout_s: float = 10.0) -> Metrics:
+    """Prometheus text exposition at ``url`` as {(name, labels): value}."""
+    text = urllib.request.urlopen(url, timeout=timeout_s).read().decode()
+    values: Metrics = {}
+    for m in re.finditer(r"^(\w+)(?:\{(.*)\})? (\S+)$", text, re.M):
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        values[(m.group(1), labels)] = values.get((m.group(1), labels), 0.0) + float(m.group(3))
+    return values
+
+
+def metric_sum(values: Metrics, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, have), v in values.items() if n == name and want <= have)
 
 
 class TritonServerError(RuntimeError):
@@ -232,6 +252,10 @@ class TritonServer:
     def metrics_url(self) -> str:
         """Prometheus endpoint, ``http://host:port/metrics``."""
         return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    def metrics(self) -> Metrics:
+        """The Prometheus endpoint's samples now (Triton's and driffusion's own)."""
+        return read_metrics(self.metrics_url)
 
     @property
     def log_path(self) -> Path | None:

@@ -139,6 +139,8 @@ class Orchestrator:
         from transformers import CLIPTokenizer
 
         self.settings, self.family = settings, settings.family
+        # called as on_retry(model, reason) before a failed denoiser call is retried (metrics)
+        self.on_retry: Callable[[str, str], None] | None = None
         # Host work is small elementwise math beside several model processes on the same cores:
         # more than one intra-op thread only adds contention (measured: BENCHMARKS.md, core).
         torch.set_num_threads(1)
@@ -262,6 +264,8 @@ class Orchestrator:
                 if not error.retryable or attempt >= retries:
                     raise error
                 attempt += 1
+                if self.on_retry is not None:
+                    self.on_retry(model, str(error))
 
         return call
 

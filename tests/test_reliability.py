@@ -13,10 +13,16 @@ import tritonclient.grpc as grpcclient
 
 from driffusion.client import DriffusionClient, DriffusionError
 from driffusion.model_repository.build import RepositorySettings, build_repository
-from driffusion.model_repository.server import TritonServer, find_free_ports, live_group_members
+from driffusion.model_repository.server import (
+    TritonServer,
+    find_free_ports,
+    live_group_members,
+    metric_sum,
+)
 
 LATENCY_S = 0.1  # every denoiser call padded to 100 ms, so requests last long enough to hit
 TIMEOUT_S = 2.0  # model call deadline of this repository
+RETRIES = "driffusion_model_call_retries_total"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +81,8 @@ def test_a_client_deadline_stops_the_work_of_its_request(server, client):
     time.sleep(1.5)
     assert denoiser_executions(server) == after_deadline  # no more rounds once cancelled
     assert after_deadline - before < 50
+    cancelled = metric_sum(server.metrics(), "driffusion_requests_total", outcome="cancelled")
+    assert cancelled == 1
 
 
 def test_a_hung_denoiser_instance_is_given_up_on_and_the_request_completes(server, client):
@@ -89,6 +97,7 @@ def test_a_hung_denoiser_instance_is_given_up_on_and_the_request_completes(serve
         assert TIMEOUT_S <= elapsed
         other = client.generate("other", steps=4, mode="sequential")  # the rest is unaffected
         assert other.rounds == 4
+        assert metric_sum(server.metrics(), RETRIES, model="denoiser") >= 1
     finally:
         os.kill(stub, signal.SIGCONT)
 
@@ -106,3 +115,4 @@ def test_a_crashed_denoiser_instance_fails_over_and_the_server_serves_on(server,
         out = client.generate("after", steps=8, k=4, seed=seed, fanout="instances")
         assert out.image.shape == (64, 64, 3) and out.rounds == 3
     assert "is not healthy; retrying on another instance" in server.log_path.read_text()
+    assert metric_sum(server.metrics(), RETRIES, model="denoiser") >= 3

@@ -14,7 +14,12 @@ import tritonclient.grpc as grpcclient
 from driffusion import count_rounds
 from driffusion.client import DriffusionClient, DriffusionError, psnr
 from driffusion.model_repository.build import RepositorySettings, build_repository
-from driffusion.model_repository.server import TritonServer, find_free_ports, live_group_members
+from driffusion.model_repository.server import (
+    TritonServer,
+    find_free_ports,
+    live_group_members,
+    metric_sum,
+)
 
 STEPS = 20  # enough rounds to tell the modes apart, quick on 2 cores
 
@@ -146,6 +151,28 @@ def test_after_bad_requests_the_next_valid_request_succeeds(client, sequential):
         client.generate("x", steps=0)
     again = client.generate("a blue circle", steps=STEPS, seed=11, mode="sequential")
     assert np.array_equal(again.image, sequential.image)
+
+
+def test_prometheus_counts_requests_rounds_steps_and_outcomes(server, client):
+    before = server.metrics()
+    results = [client.generate("a cat", steps=STEPS, seed=s, mode="aggressive") for s in (1, 2)]
+    with pytest.raises(DriffusionError):
+        client.generate("x", steps=0)
+    after = server.metrics()
+
+    def delta(name, **labels):
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+    rounds, evaluations = count_rounds(STEPS, "aggressive", 4)
+    assert [r.rounds for r in results] == [rounds, rounds]
+    assert delta("driffusion_requests_total", mode="aggressive", outcome="success") == 2
+    assert delta("driffusion_requests_total", outcome="invalid_argument") == 1
+    assert delta("driffusion_steps_total", mode="aggressive") == 2 * STEPS
+    assert delta("driffusion_rounds_total", mode="aggressive") == 2 * rounds
+    assert delta("driffusion_evaluations_total", mode="aggressive") == 2 * evaluations
+    assert delta("driffusion_request_duration_seconds_count", mode="aggressive") == 2
+    assert delta("driffusion_request_duration_seconds_sum", mode="aggressive") > 0
+    assert metric_sum(after, "nv_inference_request_success", model="driffusion") > 0  # Triton's own
 
 
 @pytest.fixture(scope="module")
