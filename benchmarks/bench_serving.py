@@ -1,87 +1,253 @@
-"""End-to-end speedup through the real Triton server, denoiser latency emulated.
+"""End-to-end speedup through the real Triton server, against the ideal, k = 1..8.
 
-    .venv/bin/python benchmarks/bench_serving.py [--latency-ms 100] [--repeats 3]
+    .venv/bin/python benchmarks/bench_serving.py [--profile sdxl|sd21|sd3|fixed] [--repeats 3]
 
-Serves the tiny SD2.1-like pipeline with every denoiser call padded to ``--latency-ms`` (standing
-for one GPU per denoiser instance, 4 instances) and times sequential against DRiffusion over gRPC,
-same prompt and seed. Writes the ``serving`` section of BENCHMARKS.md. Not a test.
+Serves the tiny SD2.1-like pipeline with every denoiser call padded to the latency that one H100
+measured for the named model (FACTS.md, cuda graphs: a stand-in for a TensorRT engine), as a
+function of the call's batch rows (a CFG draft is 2 rows), so batching is modelled honestly:
+
+- *fan-out*: 8 denoiser instances (one GPU each); a round's drafts go one per instance;
+- *hybrid*: 4 instances; k > 4 drafts are spread over them, a batch of ceil(k/4) per request;
+- *batch*: a round's drafts as one batched request (one GPU).
+
+Sequential and DRiffusion are timed over gRPC, same prompt and seed. Writes the
+``serving-<profile>`` section of BENCHMARKS.md and ``docs/figures/serving_<profile>.png``.
+Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from driffusion import plan
 from driffusion.client import DriffusionClient, psnr
 from driffusion.export.tiny import build_tiny_pipeline
 from driffusion.model_repository.build import RepositorySettings, build_repository
 from driffusion.model_repository.server import TritonServer, find_free_ports
 from report import write_section
 
+ROOT = Path(__file__).resolve().parent.parent
 STEPS = 50
-CASES = [("sequential", 1)] + [(m, k) for m in ("aggressive", "conservative") for k in (2, 3, 4)]
+KS = range(1, 9)
+MODES = ("aggressive", "conservative")
+
+# FACTS.md: median ms per denoiser call on one H100 80GB, fp16, cuda graphs, by batch rows.
+H100_MS = {
+    "sd21": ("SD2.1 768 px", {1: 14.2, 2: 21.3, 4: 34.3, 6: 46.9, 8: 60.1}),
+    "sdxl": ("SDXL 1024 px", {1: 27.4, 2: 43.4, 4: 77.8, 6: 113.7, 8: 150.1}),
+    "sd3": ("SD3-medium 1024 px", {1: 26.9, 2: 53.5, 4: 103.4, 6: 153.6, 8: 204.5}),
+}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Emulated denoiser call: ``base + per_row * rows`` ms."""
+
+    base: float
+    per_row: float
+
+    def __call__(self, rows: int) -> float:
+        return self.base + self.per_row * rows
+
+    @classmethod
+    def fit(cls, table: dict[int, float]) -> Latency:
+        """Least-squares line through a batch-rows -> ms table (FACTS.md's are close to linear)."""
+        per_row, base = np.polyfit(list(table), list(table.values()), 1)
+        return cls(float(base), float(per_row))
+
+
+@dataclass(frozen=True)
+class Fanout:
+    name: str
+    request: str  # the request's ``fanout`` field
+    instances: int  # the server's denoiser instances
+
+    def requests(self, states: int) -> int:
+        return 1 if self.request == "batch" else min(states, self.instances)
+
+
+FANOUTS = (Fanout("fan-out", "instances", 8), Fanout("batch", "batch", 8))
+HYBRID = Fanout("hybrid", "instances", 4)
+
+
+def round_sizes(mode: str, k: int) -> list[int]:
+    """States evaluated in each serial round of a run (see ``engine.count_rounds``)."""
+    sizes = []
+    for block in plan(STEPS, mode, k):
+        if block.exact_anchor:
+            sizes.append(1)
+        if block.last_draft > block.anchor:
+            sizes.append(block.last_draft - block.anchor)
+    return sizes
+
+
+def model_ms(latency: Latency, fanout: Fanout, sizes: list[int]) -> float:
+    """The device time a run waits for: per round, its largest request (2 rows per state)."""
+    return sum(latency(2 * math.ceil(n / fanout.requests(n))) for n in sizes)
 
 
 def timed(client, repeats: int, **request):
-    client.generate("a handwritten digit seven", seed=0, steps=STEPS, **request)  # warm-up
-    runs = [
-        client.generate("a handwritten digit seven", seed=0, steps=STEPS, **request)
-        for _ in range(repeats)
-    ]
+    kwargs = dict(prompt="a handwritten digit seven", seed=0, steps=STEPS, **request)
+    client.generate(**kwargs)  # warm-up
+    runs = [client.generate(**kwargs) for _ in range(repeats)]
     return runs, statistics.median(r.latency_ms for r in runs)
+
+
+def serve(pipeline: Path, work: Path, latency: Latency, instances: int):
+    settings = RepositorySettings(
+        denoiser_instances=instances,
+        orchestrator_instances=1,
+        emulated_latency_ms=latency.base,
+        emulated_latency_per_item_ms=latency.per_row,
+    )
+    repo = build_repository(pipeline, work / f"repo{instances}", settings, progress=None)
+    http, grpc, metrics = find_free_ports(3)
+    return TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
+
+
+def plot(cells: list[dict], title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, mode in zip(axes, MODES, strict=True):
+        rows = [c for c in cells if c["mode"] == mode]
+        ks = sorted({c["k"] for c in rows})
+        ideal = [next(c["ideal"] for c in rows if c["k"] == k) for k in ks]
+        ax.plot(ks, ideal, "k--", label="ideal (S / rounds)")
+        for name, marker in (("fan-out", "o"), ("hybrid", "s"), ("batch", "^")):
+            pts = [(c["k"], c["speedup"]) for c in rows if c["fanout"] == name]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=marker, label=name)
+        ax.set_title(mode)
+        ax.set_xlabel("k (drafts per round)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speedup over sequential (through Triton)")
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latency-ms", type=float, default=100.0, help="emulated denoiser call")
+    parser.add_argument("--profile", choices=[*H100_MS, "fixed"], default="sdxl")
+    parser.add_argument("--latency-ms", type=float, default=100.0, help="--profile fixed: per call")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
     args = parser.parse_args()
+    if args.profile == "fixed":
+        model, latency = f"fixed {args.latency_ms:g} ms", Latency(args.latency_ms, 0.0)
+    else:
+        model, table = H100_MS[args.profile]
+        latency = Latency.fit(table)
+    print(f"{model}: {latency.base:.1f} ms + {latency.per_row:.2f} ms per row", flush=True)
     work = Path(tempfile.mkdtemp(prefix="driffusion-bench-"))
     pipeline = build_tiny_pipeline("sd21", work / "tiny")
-    settings = RepositorySettings(emulated_latency_ms=args.latency_ms, orchestrator_instances=1)
-    repo = build_repository(pipeline, work / "repo", settings, progress=None)
-    http, grpc, metrics = find_free_ports(3)
-    rows = [
-        "| mode | k | fan-out | rounds | ideal speedup | median ms | speedup | of ideal "
-        "| overhead ms/round | PSNR vs seq |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as server:
-        with DriffusionClient(server.grpc_url) as client:
-            client.wait_ready(timeout_s=120)
-            base_runs, base = timed(client, args.repeats, mode="sequential")
-            for mode, k in CASES:
-                for fanout in ("instances", "batch") if mode != "sequential" else ("-",):
-                    if mode == "sequential":
-                        runs, median = base_runs, base
-                    else:
-                        runs, median = timed(client, args.repeats, mode=mode, k=k, fanout=fanout)
-                    r = runs[0]
-                    ideal = STEPS / r.rounds
-                    overhead = statistics.median(x.denoise_ms for x in runs) / r.rounds
-                    overhead -= args.latency_ms
-                    rows.append(
-                        f"| {mode} | {k} | {fanout} | {r.rounds} | {ideal:.2f} | {median:.0f} | "
-                        f"{base / median:.2f} | {base / median / ideal:.3f} | {overhead:.1f} | "
-                        f"{psnr(r.image, base_runs[0].image):.1f} |"
-                    )
-                    print(rows[-1], flush=True)
-    body = f"""## Serving: end-to-end speedup through Triton (`benchmarks/bench_serving.py`)
 
-Tiny SD2.1-like pipeline (random weights, 64 px), S={STEPS}, CFG, one client; 4 denoiser instances,
-each call padded to {args.latency_ms:g} ms (a stand-in for one GPU per instance: the padding is the
-documented `emulated_latency_ms` option of the CPU denoiser model). Latency is the gRPC client's,
-median of {args.repeats} after a warm-up, and includes text encoding and VAE decoding.
-*speedup* = sequential median / this median; *of ideal* = speedup / (S / rounds); *overhead* =
-denoising time per round beyond the padded model call (the orchestrator's drafting, refinement,
-guidance and the BLS round trips). With a fixed per-call latency `batch` costs the same as fan-out
-per round (batch-dependent latency is future work, issue 6).
+    cells: list[dict] = []
+    seq_ms = STEPS * latency(2)
+
+    def measure(client, fanout: Fanout, mode: str, k: int, base: float, base_image) -> None:
+        runs, median = timed(client, args.repeats, mode=mode, k=k, fanout=fanout.request)
+        sizes = round_sizes(mode, k)
+        assert runs[0].rounds == len(sizes), (runs[0].rounds, sizes)
+        bound = seq_ms / model_ms(latency, fanout, sizes)
+        cell = dict(
+            mode=mode,
+            k=k,
+            fanout=fanout.name,
+            rounds=len(sizes),
+            ideal=STEPS / len(sizes),
+            bound=bound,
+            median=median,
+            speedup=base / median,
+            overhead=(
+                statistics.median(r.denoise_ms for r in runs) - model_ms(latency, fanout, sizes)
+            )
+            / len(sizes),
+            psnr=psnr(runs[0].image, base_image),
+        )
+        cells.append(cell)
+        print(cell, flush=True)
+
+    with serve(pipeline, work, latency, 8) as server:
+        with DriffusionClient(server.grpc_url) as client:
+            client.wait_ready(timeout_s=300)
+            base_runs, base = timed(client, args.repeats, mode="sequential")
+            seq_overhead = statistics.median(r.denoise_ms for r in base_runs) / STEPS - latency(2)
+            for mode in MODES:
+                for k in args.ks:
+                    for fanout in FANOUTS:
+                        measure(client, fanout, mode, k, base, base_runs[0].image)
+    hybrid_ks = [k for k in args.ks if k > HYBRID.instances]
+    if hybrid_ks:
+        with serve(pipeline, work, latency, HYBRID.instances) as server:
+            with DriffusionClient(server.grpc_url) as client:
+                client.wait_ready(timeout_s=300)
+                base4 = timed(client, args.repeats, mode="sequential")[1]
+                for mode in MODES:
+                    for k in hybrid_ks:
+                        measure(client, HYBRID, mode, k, base4, base_runs[0].image)
+
+    order = {f: i for i, f in enumerate(("fan-out", "hybrid", "batch"))}
+    cells.sort(key=lambda c: (MODES.index(c["mode"]), c["k"], order[c["fanout"]]))
+    rows = [
+        "| mode | k | fan-out | rounds | ideal speedup | device-bound speedup | median ms "
+        "| speedup | of ideal | of device-bound | overhead ms/round | PSNR vs seq dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| sequential | - | - | {STEPS} | 1.00 | 1.00 | {base:.0f} | 1.00 | 1.000 | 1.000 "
+        f"| {seq_overhead:.1f} | - |",
+    ]
+    for c in cells:
+        rows.append(
+            f"| {c['mode']} | {c['k']} | {c['fanout']} | {c['rounds']} | {c['ideal']:.2f} "
+            f"| {c['bound']:.2f} | {c['median']:.0f} | {c['speedup']:.2f} "
+            f"| {c['speedup'] / c['ideal']:.3f} | {c['speedup'] / c['bound']:.3f} "
+            f"| {c['overhead']:.1f} | {c['psnr']:.1f} |"
+        )
+    figure = ROOT / "docs" / "figures" / f"serving_{args.profile}.png"
+    plot(cells, f"{model} on H100 (emulated), S={STEPS}, through Triton on a CPU box", figure)
+    headline = next(
+        (c for c in cells if (c["mode"], c["k"], c["fanout"]) == ("aggressive", 4, "fan-out")), None
+    )
+    verdict = ""
+    if headline:
+        share = headline["speedup"] / headline["ideal"]
+        verdict = (
+            f"\n**Target** (S={STEPS}, aggressive k=4, at least 0.97 of ideal): fan-out "
+            f"{share:.3f} of ideal ({headline['speedup']:.2f}x of {headline['ideal']:.2f}x): "
+            f"{'met' if share >= 0.97 else 'missed'}.\n"
+        )
+    title = f"Serving, {model}: speedup through Triton against the ideal"
+    body = f"""## {title} (`benchmarks/bench_serving.py`)
+
+Tiny SD2.1-like pipeline (random weights, 64 px) served by the real Triton server, S={STEPS}, CFG,
+one client. Every denoiser call is padded to the latency one H100 measured for {model}
+(FACTS.md, cuda graphs, fit {latency.base:.1f} ms + {latency.per_row:.2f} ms per batch row; a CFG
+draft is 2 rows), so a batch of drafts costs what it costs on one GPU. *fan-out*: 8 denoiser
+instances (one GPU each), one draft per request; *hybrid*: 4 instances, k > 4 drafts spread over
+them in batches; *batch*: one request per round (one GPU). Latency is the gRPC client's, median of
+{args.repeats} after a warm-up, text encoding and VAE decoding included. *ideal* = S / rounds
+(ALGORITHM.md); *device-bound* = the sequential run's device time over this run's (batching
+costs); *overhead* = denoising time per round beyond the device time (drafting, refinement,
+guidance, the BLS round trips), {seq_overhead:.1f} ms for the sequential sampler.
 
 {chr(10).join(rows)}
+{verdict}
+![speedup against k](docs/figures/{figure.name})
 """
-    write_section("serving", body)
+    write_section(f"serving-{args.profile}", body)
 
 
 if __name__ == "__main__":
