@@ -35,21 +35,21 @@ _WORDS = (
 TINY_FAMILIES = ("sd21", "sd-tiny", "sdxl", "sd3")
 
 
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's reversible byte -> printable-character table, in CLIP's vocab order."""
-    bs = (
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible map from bytes to printable characters, in CLIP's vocab order."""
+    printable = (
         list(range(ord("!"), ord("~") + 1))
         + list(range(ord("¡"), ord("¬") + 1))
         + list(range(ord("®"), ord("ÿ") + 1))
     )
-    cs = bs[:]
+    codes = printable[:]
     n = 0
     for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return dict(zip(printable, [chr(c) for c in codes], strict=True))
 
 
 def tiny_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -59,7 +59,7 @@ def tiny_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     unknown tokens); the words in ``_WORDS`` get left-to-right merges. Layout as in CLIP's vocab, so
     "!" is id 0 (the OpenCLIP padding token) and ``<|endoftext|>`` the last id.
     """
-    alphabet = _bytes_to_unicode()
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + _END_OF_WORD for c in alphabet]
     merges: list[tuple[str, str]] = []
     seen = set(tokens)

@@ -12,25 +12,10 @@ from collections import Counter
 
 from transformers import CLIPTokenizer
 
+from driffusion.export.tiny import bytes_to_unicode
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible map from bytes to printable unicode characters."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + n)
-            n += 1
-    return dict(zip(printable, [chr(c) for c in codes], strict=True))
 
 
 def learn_merges(words: Counter[str]) -> list[tuple[str, str]]:
