@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from driffusion import plan
 from driffusion.client import DriffusionClient, psnr
 from driffusion.export.tiny import build_tiny_pipeline
 from driffusion.model_repository.build import RepositorySettings, build_repository
-from driffusion.model_repository.server import TritonServer, find_free_ports
+from driffusion.model_repository.server import TritonServer, find_free_ports, live_group_members
 from report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +92,18 @@ def round_sizes(mode: str, k: int) -> list[int]:
 def model_ms(latency: Latency, fanout: Fanout, sizes: list[int]) -> float:
     """The device time a run waits for: per round, its largest request (2 rows per state)."""
     return sum(latency(2 * math.ceil(n / fanout.requests(n))) for n in sizes)
+
+
+def cpu_ms(server) -> float:
+    """CPU time so far of the server's processes (tritonserver and every model's stub)."""
+    total = 0
+    for pid in live_group_members(server.pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total * 1e3 / os.sysconf("SC_CLK_TCK")
 
 
 def timed(client, repeats: int, **request):
@@ -158,8 +171,10 @@ def main() -> None:
     cells: list[dict] = []
     seq_ms = STEPS * latency(2)
 
-    def measure(client, fanout: Fanout, mode: str, k: int, base: float, base_image) -> None:
+    def measure(server, client, fanout: Fanout, mode: str, k: int, base: float, base_image):
+        cpu = cpu_ms(server)
         runs, median = timed(client, args.repeats, mode=mode, k=k, fanout=fanout.request)
+        cpu = (cpu_ms(server) - cpu) / (args.repeats + 1)  # per request, warm-up included
         sizes = round_sizes(mode, k)
         assert runs[0].rounds == len(sizes), (runs[0].rounds, sizes)
         bound = seq_ms / model_ms(latency, fanout, sizes)
@@ -177,6 +192,7 @@ def main() -> None:
             )
             / len(sizes),
             psnr=psnr(runs[0].image, base_image),
+            cpu=cpu / len(sizes),
         )
         cells.append(cell)
         print(cell, flush=True)
@@ -184,12 +200,14 @@ def main() -> None:
     with serve(pipeline, work, latency, 8) as server:
         with DriffusionClient(server.grpc_url) as client:
             client.wait_ready(timeout_s=300)
+            cpu = cpu_ms(server)
             base_runs, base = timed(client, args.repeats, mode="sequential")
+            seq_cpu = (cpu_ms(server) - cpu) / (args.repeats + 1) / STEPS
             seq_overhead = statistics.median(r.denoise_ms for r in base_runs) / STEPS - latency(2)
             for mode in MODES:
                 for k in args.ks:
                     for fanout in FANOUTS:
-                        measure(client, fanout, mode, k, base, base_runs[0].image)
+                        measure(server, client, fanout, mode, k, base, base_runs[0].image)
     hybrid_ks = [k for k in args.ks if k > HYBRID.instances]
     if hybrid_ks:
         with serve(pipeline, work, latency, HYBRID.instances) as server:
@@ -198,23 +216,24 @@ def main() -> None:
                 base4 = timed(client, args.repeats, mode="sequential")[1]
                 for mode in MODES:
                     for k in hybrid_ks:
-                        measure(client, HYBRID, mode, k, base4, base_runs[0].image)
+                        measure(server, client, HYBRID, mode, k, base4, base_runs[0].image)
 
     order = {f: i for i, f in enumerate(("fan-out", "hybrid", "batch"))}
     cells.sort(key=lambda c: (MODES.index(c["mode"]), c["k"], order[c["fanout"]]))
     rows = [
         "| mode | k | fan-out | rounds | ideal speedup | device-bound speedup | median ms "
-        "| speedup | of ideal | of device-bound | overhead ms/round | PSNR vs seq dB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speedup | of ideal | of device-bound | overhead ms/round | server CPU ms/round "
+        "| PSNR vs seq dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| sequential | - | - | {STEPS} | 1.00 | 1.00 | {base:.0f} | 1.00 | 1.000 | 1.000 "
-        f"| {seq_overhead:.1f} | - |",
+        f"| {seq_overhead:.1f} | {seq_cpu:.1f} | - |",
     ]
     for c in cells:
         rows.append(
             f"| {c['mode']} | {c['k']} | {c['fanout']} | {c['rounds']} | {c['ideal']:.2f} "
             f"| {c['bound']:.2f} | {c['median']:.0f} | {c['speedup']:.2f} "
             f"| {c['speedup'] / c['ideal']:.3f} | {c['speedup'] / c['bound']:.3f} "
-            f"| {c['overhead']:.1f} | {c['psnr']:.1f} |"
+            f"| {c['overhead']:.1f} | {c['cpu']:.1f} | {c['psnr']:.1f} |"
         )
     figure = ROOT / "docs" / "figures" / f"serving_{args.profile}.png"
     plot(cells, f"{model} on H100 (emulated), S={STEPS}, through Triton on a CPU box", figure)
@@ -241,7 +260,9 @@ them in batches; *batch*: one request per round (one GPU). Latency is the gRPC c
 {args.repeats} after a warm-up, text encoding and VAE decoding included. *ideal* = S / rounds
 (ALGORITHM.md); *device-bound* = the sequential run's device time over this run's (batching
 costs); *overhead* = denoising time per round beyond the device time (drafting, refinement,
-guidance, the BLS round trips), {seq_overhead:.1f} ms for the sequential sampler.
+guidance, the BLS round trips), {seq_overhead:.1f} ms for the sequential sampler; *server CPU* =
+CPU time of all the server's processes per round (tritonserver, the BLS and denoiser stubs, the
+tiny model's ONNX Runtime work included) on this {os.cpu_count()}-core machine.
 
 {chr(10).join(rows)}
 {verdict}

@@ -23,6 +23,12 @@ def test_the_request_table_lists_every_input_and_output_of_the_served_model():
     assert table_names("output") == {f.name for f in api.OUTPUTS}
 
 
+def test_the_metrics_table_lists_every_counter_the_orchestrator_exports():
+    bls = (ROOT / "model_repository" / "models" / "driffusion" / "model.py").read_text()
+    exported = set(re.findall(r'\("(driffusion_\w+)", "', bls))
+    assert exported and table_names("metric") == exported
+
+
 def test_the_two_commands_exist_and_ci_runs_the_test_command():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
