@@ -106,6 +106,23 @@ def cpu_ms(server) -> float:
     return total * 1e3 / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mib(server) -> dict[str, list[float]]:
+    """Resident memory of the server's processes by role: tritonserver and each model's stubs."""
+    roles: dict[str, list[float]] = {}
+    for pid in live_group_members(server.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+        model = next(
+            (Path(a.decode()).parent.parent.name for a in cmdline if a.endswith(b"model.py")), None
+        )
+        roles.setdefault(model or Path(cmdline[0].decode()).name, []).append(kb / 1024)
+    return roles
+
+
 def timed(client, repeats: int, **request):
     kwargs = dict(prompt="a handwritten digit seven", seed=0, steps=STEPS, **request)
     client.generate(**kwargs)  # warm-up
@@ -208,6 +225,7 @@ def main() -> None:
                 for k in args.ks:
                     for fanout in FANOUTS:
                         measure(server, client, fanout, mode, k, base, base_runs[0].image)
+            memory = rss_mib(server)
     hybrid_ks = [k for k in args.ks if k > HYBRID.instances]
     if hybrid_ks:
         with serve(pipeline, work, latency, HYBRID.instances) as server:
@@ -249,6 +267,9 @@ def main() -> None:
             f"{'met' if share >= 0.97 else 'missed'}.\n"
         )
     title = f"Serving, {model}: speedup through Triton against the ideal"
+    memory_line = "; ".join(
+        f"{role} {len(v)} x {statistics.median(v):.0f} MiB" for role, v in sorted(memory.items())
+    )
     body = f"""## {title} (`benchmarks/bench_serving.py`)
 
 Tiny SD2.1-like pipeline (random weights, 64 px) served by the real Triton server, S={STEPS}, CFG,
@@ -266,6 +287,8 @@ tiny model's ONNX Runtime work included) on this {os.cpu_count()}-core machine.
 
 {chr(10).join(rows)}
 {verdict}
+Resident host memory after the run (8-instance server, median per process): {memory_line}.
+
 ![speedup against k](docs/figures/{figure.name})
 """
     write_section(f"serving-{args.profile}", body)

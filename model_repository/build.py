@@ -108,7 +108,12 @@ def build_repository(
         config = component_config(role, spec, engine="onnx", instances=instances, parameters=params)
         (out / role / "config.pbtxt").write_text(config)
     write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
-    manifest = {"pipeline": source, "fingerprint": fingerprint, "settings": asdict(settings)}
+    manifest = {
+        "pipeline": source,
+        "fingerprint": fingerprint,
+        "code": code_fingerprint(),
+        "settings": asdict(settings),
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"[repository] {out} ready in {time.perf_counter() - start:.1f} s")
     return out
@@ -162,6 +167,23 @@ def pipeline_fingerprint(pipeline: str | Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         stat = path.stat()
         digest.update(f"{path.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def code_fingerprint() -> str:
+    """Identity of the code that writes a repository and reads it back (the models' ``model.py``,
+    the settings and config formats): a repository written by another driffusion version is
+    rewritten rather than served with settings this version cannot read."""
+    import driffusion
+
+    package = Path(driffusion.__file__).resolve().parent
+    files = sorted(MODELS_DIR.rglob("*.py")) + [
+        package / name for name in ("api.py", "service.py", "specs.py")
+    ]
+    files += [Path(__file__).resolve(), Path(__file__).resolve().parent / "config.py"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -10,7 +10,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .build import RepositorySettings, build_repository, pipeline_fingerprint, read_manifest
+from .build import (
+    RepositorySettings,
+    build_repository,
+    code_fingerprint,
+    pipeline_fingerprint,
+    read_manifest,
+)
 
 ROOT = Path(__file__).resolve().parent.parent  # the source checkout (editable install)
 EMBEDDED = ROOT / "embedded" / "digits"  # the trained embedded default (a diffusers folder)
@@ -101,6 +107,7 @@ def prepare_repository(args: argparse.Namespace, progress=print) -> Path:
     wanted = {
         "pipeline": str(pipeline.resolve()),
         "fingerprint": pipeline_fingerprint(pipeline),
+        "code": code_fingerprint(),
         "settings": asdict(settings),
     }
     if manifest == json.loads(json.dumps(wanted)) and not args.rebuild:

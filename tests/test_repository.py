@@ -37,3 +37,29 @@ def test_a_different_pipeline_is_re_exported_not_reused(tiny_pipeline_dir, tmp_p
     build_repository(other, out, progress=None)
     assert digest(out / "denoiser" / "1" / "model.onnx") != first
     assert read_manifest(out)["pipeline"] == str(other.resolve())
+
+
+def test_serve_reuses_its_repository_unless_another_driffusion_version_wrote_it(
+    tiny_pipeline_dir, tmp_path
+):
+    import json
+
+    from driffusion.cli import build_parser
+    from driffusion.model_repository.serve import prepare_repository
+
+    out = tmp_path / "repo"
+    args = build_parser().parse_args(
+        ["serve", "--pipeline", str(tiny_pipeline_dir), "--repository", str(out)]
+    )
+    said: list[str] = []
+    prepare_repository(args, progress=said.append)
+    prepare_repository(args, progress=said.append)
+    assert any("[serve] reusing" in line for line in said)
+
+    manifest = read_manifest(out)
+    (out / "repository.json").write_text(json.dumps({**manifest, "code": "older version"}))
+    said.clear()
+    prepare_repository(args, progress=said.append)
+    assert not any("[serve] reusing" in line for line in said)  # rewritten ...
+    assert any("denoiser: reusing" in line for line in said)  # ... keeping its ONNX files
+    assert read_manifest(out)["code"] == manifest["code"]
