@@ -44,6 +44,7 @@ class RepositorySettings:
     max_k: int = 8  # largest k a request may ask for
     emulated_latency_ms: float = 0.0  # pad each denoiser call (stands for a GPU on a CPU box)
     emulated_latency_per_item_ms: float = 0.0  # ... plus this per batch row
+    emulated_compute_delay_ms: float = 5.0  # ... the CPU model's work starts this far into it
     intra_op_threads: int = 1  # ONNX Runtime threads per instance
     model_timeout_s: float = 120.0  # a model call not answered by then fails its request
     default_steps: int | None = None  # None: the family's
@@ -55,7 +56,11 @@ class RepositorySettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.model_timeout_s > 0:
             raise ValueError(f"model_timeout_s must be > 0, got {self.model_timeout_s}")
-        for name in ("emulated_latency_ms", "emulated_latency_per_item_ms"):
+        for name in (
+            "emulated_latency_ms",
+            "emulated_latency_per_item_ms",
+            "emulated_compute_delay_ms",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -105,6 +110,7 @@ def build_repository(
             instances = settings.denoiser_instances
             params["emulated_latency_ms"] = settings.emulated_latency_ms
             params["emulated_latency_per_item_ms"] = settings.emulated_latency_per_item_ms
+            params["emulated_compute_delay_ms"] = settings.emulated_compute_delay_ms
         config = component_config(role, spec, engine="onnx", instances=instances, parameters=params)
         (out / role / "config.pbtxt").write_text(config)
     write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
