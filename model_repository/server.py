@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import hashlib
 import importlib.metadata
 import os
@@ -161,6 +162,13 @@ def server_environment(dist: TritonDistribution, base: dict[str, str] | None = N
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(p for p in [venv_bin, env.get("PATH", "")] if p)
     return env
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started it dies (even by SIGKILL),
+    so a killed benchmark or test run leaves no server holding ports and /dev/shm (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def live_group_members(pgid: int) -> list[int]:
@@ -320,6 +328,7 @@ class TritonServer:
                 stderr=subprocess.STDOUT,
                 env=server_environment(dist),
                 start_new_session=True,  # own process group: stop() reaches the stubs too
+                preexec_fn=_terminate_with_parent,
             )
         atexit.register(self.stop)
         try:

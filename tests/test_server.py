@@ -159,3 +159,36 @@ def test_broken_model_makes_start_fail_fast_with_the_log_tail(
     with pytest.raises(TritonServerError, match="exited with code 1") as info:
         start_triton_server(tmp_path / "repo", start_timeout_s=60)
     assert "config inputs ['not_in_graph'] != model.onnx ['x']" in str(info.value)
+
+
+def test_a_server_goes_down_with_the_process_that_started_it(tmp_path, affine_onnx):
+    """A benchmark or test run killed outright (SIGKILL: no atexit, no context manager) leaves no
+    tritonserver behind holding its ports and shared memory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    add_model(tmp_path / "repo", "affine", affine_onnx, count=1)
+    script = (
+        "import sys, time\n"
+        "from driffusion.model_repository.server import TritonServer, find_free_ports\n"
+        "h, g, m = find_free_ports(3)\n"
+        "s = TritonServer(sys.argv[1], http_port=h, grpc_port=g, metrics_port=m).start()\n"
+        "print(s.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "repo")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        server_pid = int(parent.stdout.readline())
+        assert live_group_members(server_pid)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while live_group_members(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert live_group_members(server_pid) == []
+    finally:
+        parent.kill()
