@@ -196,15 +196,19 @@ def main() -> None:
     pipeline = build_tiny_pipeline("sd21", work / "tiny")
 
     cells: list[dict] = []
+    reference: list = []  # the first server's sequential runs: the image DRiffusion is held to
     seq_ms = STEPS * latency(2)
 
-    def measure(server, client, fanout: Fanout, mode: str, k: int, base: float, base_image):
+    def measure(server, client, fanout: Fanout, mode: str, k: int, base_runs) -> None:
         cpu = cpu_ms(server)
         runs, median = timed(client, args.repeats, mode=mode, k=k, fanout=fanout.request)
         cpu = (cpu_ms(server) - cpu) / (args.repeats + 1)  # per request, warm-up included
         sizes = round_sizes(mode, k)
         assert runs[0].rounds == len(sizes), (runs[0].rounds, sizes)
         bound = seq_ms / model_ms(latency, fanout, sizes)
+        denoise = statistics.median(r.denoise_ms for r in runs)
+        base = statistics.median(r.latency_ms for r in base_runs)
+        base_denoise = statistics.median(r.denoise_ms for r in base_runs)
         cell = dict(
             mode=mode,
             k=k,
@@ -214,11 +218,9 @@ def main() -> None:
             bound=bound,
             median=median,
             speedup=base / median,
-            overhead=(
-                statistics.median(r.denoise_ms for r in runs) - model_ms(latency, fanout, sizes)
-            )
-            / len(sizes),
-            psnr=psnr(runs[0].image, base_image),
+            denoise_speedup=base_denoise / denoise,
+            overhead=(denoise - model_ms(latency, fanout, sizes)) / len(sizes),
+            psnr=psnr(runs[0].image, reference[0].image),
             cpu=cpu / len(sizes),
         )
         cells.append(cell)
@@ -229,46 +231,48 @@ def main() -> None:
             client.wait_ready(timeout_s=300)
             cpu = cpu_ms(server)
             base_runs, base = timed(client, args.repeats, mode="sequential")
+            reference.extend(base_runs)
             seq_cpu = (cpu_ms(server) - cpu) / (args.repeats + 1) / STEPS
             seq_overhead = statistics.median(r.denoise_ms for r in base_runs) / STEPS - latency(2)
             for mode in MODES:
                 for k in args.ks:
                     for fanout in FANOUTS:
-                        measure(server, client, fanout, mode, k, base, base_runs[0].image)
+                        measure(server, client, fanout, mode, k, base_runs)
             memory = rss_mib(server)
     hybrid_ks = [k for k in args.ks if k > HYBRID.instances]
     if hybrid_ks:
         with serve(pipeline, work, latency, HYBRID.instances) as server:
             with DriffusionClient(server.grpc_url) as client:
                 client.wait_ready(timeout_s=300)
-                base4 = timed(client, args.repeats, mode="sequential")[1]
+                base4 = timed(client, args.repeats, mode="sequential")[0]
                 for mode in MODES:
                     for k in hybrid_ks:
-                        measure(server, client, HYBRID, mode, k, base4, base_runs[0].image)
+                        measure(server, client, HYBRID, mode, k, base4)
 
     if 4 in args.ks:
         with serve(pipeline, work, latency, AT_ONCE.instances, delay_ms=0.0) as server:
             with DriffusionClient(server.grpc_url) as client:
                 client.wait_ready(timeout_s=300)
-                base0 = timed(client, args.repeats, mode="sequential")[1]
+                base0 = timed(client, args.repeats, mode="sequential")[0]
                 for mode in MODES:
-                    measure(server, client, AT_ONCE, mode, 4, base0, base_runs[0].image)
+                    measure(server, client, AT_ONCE, mode, 4, base0)
 
     order = {f.name: i for i, f in enumerate((FANOUTS[0], AT_ONCE, HYBRID, FANOUTS[1]))}
     cells.sort(key=lambda c: (MODES.index(c["mode"]), c["k"], order[c["fanout"]]))
     rows = [
         "| mode | k | fan-out | rounds | ideal speedup | device-bound speedup | median ms "
-        "| speedup | of ideal | of device-bound | overhead ms/round | server CPU ms/round "
-        "| PSNR vs seq dB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speedup | of ideal | of device-bound | denoising speedup | of ideal "
+        "| overhead ms/round | server CPU ms/round | PSNR vs seq dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| sequential | - | - | {STEPS} | 1.00 | 1.00 | {base:.0f} | 1.00 | 1.000 | 1.000 "
-        f"| {seq_overhead:.1f} | {seq_cpu:.1f} | - |",
+        f"| 1.00 | 1.000 | {seq_overhead:.1f} | {seq_cpu:.1f} | - |",
     ]
     for c in cells:
         rows.append(
             f"| {c['mode']} | {c['k']} | {c['fanout']} | {c['rounds']} | {c['ideal']:.2f} "
             f"| {c['bound']:.2f} | {c['median']:.0f} | {c['speedup']:.2f} "
             f"| {c['speedup'] / c['ideal']:.3f} | {c['speedup'] / c['bound']:.3f} "
+            f"| {c['denoise_speedup']:.2f} | {c['denoise_speedup'] / c['ideal']:.3f} "
             f"| {c['overhead']:.1f} | {c['cpu']:.1f} | {c['psnr']:.1f} |"
         )
     figure = ROOT / "docs" / "figures" / f"serving_{args.profile}.png"
@@ -278,11 +282,20 @@ def main() -> None:
     )
     verdict = ""
     if headline:
-        share = headline["speedup"] / headline["ideal"]
+        end_to_end = headline["speedup"] / headline["ideal"]
+        denoising = headline["denoise_speedup"] / headline["ideal"]
+        outcome = (
+            "met end to end"
+            if end_to_end >= 0.97
+            else "met for the denoising phase, missed end to end"
+            if denoising >= 0.97
+            else "missed"
+        )
         verdict = (
             f"\n**Target** (S={STEPS}, aggressive k=4, at least 0.97 of ideal): fan-out "
-            f"{share:.3f} of ideal ({headline['speedup']:.2f}x of {headline['ideal']:.2f}x): "
-            f"{'met' if share >= 0.97 else 'missed'}.\n"
+            f"{end_to_end:.3f} of ideal end to end ({headline['speedup']:.2f}x of "
+            f"{headline['ideal']:.2f}x), {denoising:.3f} for the denoising phase: "
+            f"{outcome}.\n"
         )
     title = f"Serving, {model}: speedup through Triton against the ideal"
     memory_line = "; ".join(
@@ -296,7 +309,9 @@ one client. Every denoiser call is padded to the latency one H100 measured for {
 draft is 2 rows), so a batch of drafts costs what it costs on one GPU. *fan-out*: 8 denoiser
 instances (one GPU each), one draft per request; *hybrid*: 4 instances, k > 4 drafts spread over
 them in batches; *batch*: one request per round (one GPU). Latency is the gRPC client's, median of
-{args.repeats} after a warm-up, text encoding and VAE decoding included. *ideal* = S / rounds
+{args.repeats} after a warm-up, text encoding and VAE decoding included; *denoising speedup* is
+the server's denoising phase alone (sequential over this; text encoding, VAE decoding and transport
+left out: the part DRiffusion parallelizes). *ideal* = S / rounds
 (ALGORITHM.md); *device-bound* = the sequential run's device time over this run's (batching
 costs); *overhead* = denoising time per round beyond the device time (drafting, refinement,
 guidance, the BLS round trips), {seq_overhead:.1f} ms for the sequential sampler. The tiny
