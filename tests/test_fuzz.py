@@ -31,6 +31,7 @@ def arrays(draw):
     try:
         with warnings.catch_warnings():  # out-of-range casts are what we want to send
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)  # overflow in a float cast: inf
             return np.array(values, dtype=dtype).reshape(shape)
     except (ValueError, TypeError, OverflowError):
         return np.array(values, dtype=np.object_).reshape(shape)
