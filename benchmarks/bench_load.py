@@ -20,7 +20,7 @@ from pathlib import Path
 from driffusion.client import DriffusionClient
 from driffusion.export.tiny import build_tiny_pipeline
 from driffusion.model_repository.build import RepositorySettings, build_repository
-from driffusion.model_repository.server import TritonServer, find_free_ports
+from driffusion.model_repository.server import TritonServer
 from report import write_section
 
 MODES = [
@@ -59,14 +59,11 @@ def main() -> None:
         orchestrator_instances=8,
     )
     repo = build_repository(pipeline, work / "repo", settings, progress=None)
-    http, grpc, metrics = find_free_ports(3)
     rows = [
         "| clients | mode | fan-out | images/s | median latency ms | images/s vs sequential |",
         "|---|---|---|---|---|---|",
     ]
-    with TritonServer(
-        repo, http_port=http, grpc_port=grpc, metrics_port=metrics, start_timeout_s=600
-    ) as server:
+    with TritonServer.on_free_ports(repo, start_timeout_s=600) as server:
         with DriffusionClient(server.grpc_url) as c:
             c.wait_ready(timeout_s=120)
         run(server.grpc_url, 16, 1, 2, "sequential", {})  # warm every instance

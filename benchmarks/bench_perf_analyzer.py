@@ -33,7 +33,7 @@ from pathlib import Path
 from driffusion.client import DriffusionClient
 from driffusion.export.tiny import build_tiny_pipeline
 from driffusion.model_repository.build import RepositorySettings, build_repository
-from driffusion.model_repository.server import TritonServer, find_free_ports
+from driffusion.model_repository.server import TritonServer
 from report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,10 +198,7 @@ def main() -> None:
             default_steps=steps,  # the input-data files leave steps to the server
         )
         repo = build_repository(pipeline, work / "repo", settings, progress=None)
-        http, grpc, metrics = find_free_ports(3)
-        with TritonServer(
-            repo, http_port=http, grpc_port=grpc, metrics_port=metrics, start_timeout_s=600
-        ) as server:
+        with TritonServer.on_free_ports(repo, start_timeout_s=600) as server:
             with DriffusionClient(server.grpc_url) as c:
                 c.wait_ready(timeout_s=120)
                 c.generate("warm", steps=2, mode="sequential")

@@ -28,7 +28,7 @@ from driffusion.client import DriffusionClient, psnr
 from driffusion.export.pipelines import load_pipeline
 from driffusion.model_repository.build import RepositorySettings, build_repository
 from driffusion.model_repository.serve import EMBEDDED
-from driffusion.model_repository.server import TritonServer, find_free_ports
+from driffusion.model_repository.server import TritonServer
 from driffusion.service import k_spec
 from report import write_section
 
@@ -69,7 +69,6 @@ def main() -> None:
     classifier = load_classifier(EMBEDDED / "classifier")
     work = Path(tempfile.mkdtemp(prefix="driffusion-quality-served-"))
     repo = build_repository(EMBEDDED, work / "repo", RepositorySettings(), progress=print)
-    http, grpc, metrics = find_free_ports(3)
     labels = np.arange(args.images) % 10
     served: dict[tuple, np.ndarray] = {}
     rows = [
@@ -78,7 +77,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     start = time.perf_counter()
-    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as server:
+    with TritonServer.on_free_ports(repo) as server:
         with DriffusionClient(server.grpc_url) as client:
             client.wait_ready(timeout_s=300)
             for mode, k, schedule in MODES:

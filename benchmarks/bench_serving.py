@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from driffusion import plan
+from driffusion import round_sizes
 from driffusion.client import DriffusionClient, psnr
 from driffusion.export.tiny import build_tiny_pipeline
 from driffusion.model_repository.build import RepositorySettings, build_repository
-from driffusion.model_repository.server import TritonServer, find_free_ports, live_group_members
+from driffusion.model_repository.server import TritonServer, live_group_members
 from report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,17 +78,6 @@ FANOUTS = (Fanout("fan-out", "instances", 8), Fanout("batch", "batch", 8))
 HYBRID = Fanout("hybrid", "instances", 4)
 # the CPU model's work started at once, competing with the round's dispatch (see below)
 AT_ONCE = Fanout("fan-out, CPU work at once", "instances", 4)
-
-
-def round_sizes(mode: str, k: int) -> list[int]:
-    """States evaluated in each serial round of a run (see ``engine.count_rounds``)."""
-    sizes = []
-    for block in plan(STEPS, mode, k):
-        if block.exact_anchor:
-            sizes.append(1)
-        if block.last_draft > block.anchor:
-            sizes.append(block.last_draft - block.anchor)
-    return sizes
 
 
 def model_ms(latency: Latency, fanout: Fanout, sizes: list[int]) -> float:
@@ -143,8 +132,7 @@ def serve(pipeline: Path, work: Path, latency: Latency, instances: int, delay_ms
     repo = build_repository(
         pipeline, work / f"repo{instances}-{delay_ms:g}", settings, progress=None
     )
-    http, grpc, metrics = find_free_ports(3)
-    return TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    return TritonServer.on_free_ports(repo)
 
 
 def plot(cells: list[dict], title: str, out: Path) -> None:
@@ -203,7 +191,7 @@ def main() -> None:
         cpu = cpu_ms(server)
         runs, median = timed(client, args.repeats, mode=mode, k=k, fanout=fanout.request)
         cpu = (cpu_ms(server) - cpu) / (args.repeats + 1)  # per request, warm-up included
-        sizes = round_sizes(mode, k)
+        sizes = round_sizes(STEPS, mode, k)
         assert runs[0].rounds == len(sizes), (runs[0].rounds, sizes)
         bound = seq_ms / model_ms(latency, fanout, sizes)
         denoise = statistics.median(r.denoise_ms for r in runs)

@@ -85,10 +85,9 @@ def build_repository(
     say(f"[repository] loading {pipeline}")
     pipe = load_pipeline(pipeline)
     family = family_for_pipeline(settings.family, pipe)
-    previous = read_manifest(out)
-    source, fingerprint = str(Path(pipeline).resolve()), pipeline_fingerprint(pipeline)
+    previous, manifest = read_manifest(out), repository_manifest(pipeline, settings)
     if previous is not None and not force:
-        if (previous.get("pipeline"), previous.get("fingerprint")) != (source, fingerprint):
+        if any(previous.get(key) != manifest[key] for key in ("pipeline", "fingerprint")):
             say(f"[repository] {out} was built from another pipeline or weights: re-exporting")
             force = True
     trace = (family.min_size, family.min_size)
@@ -114,12 +113,6 @@ def build_repository(
         config = component_config(role, spec, engine="onnx", instances=instances, parameters=params)
         (out / role / "config.pbtxt").write_text(config)
     write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
-    manifest = {
-        "pipeline": source,
-        "fingerprint": fingerprint,
-        "code": code_fingerprint(),
-        "settings": asdict(settings),
-    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"[repository] {out} ready in {time.perf_counter() - start:.1f} s")
     return out
@@ -163,6 +156,18 @@ def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: Reposit
     (folder / "config.pbtxt").write_text(
         orchestrator_config(ORCHESTRATOR, settings.orchestrator_instances)
     )
+
+
+def repository_manifest(pipeline: str | Path, settings: RepositorySettings) -> dict:
+    """What ``build_repository`` records in ``repository.json``: the pipeline folder and a
+    fingerprint of its files, of this driffusion's code, and the settings. A repository whose
+    record equals this one is up to date."""
+    return {
+        "pipeline": str(Path(pipeline).resolve()),
+        "fingerprint": pipeline_fingerprint(pipeline),
+        "code": code_fingerprint(),
+        "settings": asdict(settings),
+    }
 
 
 def pipeline_fingerprint(pipeline: str | Path) -> str:

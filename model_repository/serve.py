@@ -7,16 +7,9 @@ import json
 import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from .build import (
-    RepositorySettings,
-    build_repository,
-    code_fingerprint,
-    pipeline_fingerprint,
-    read_manifest,
-)
+from .build import RepositorySettings, build_repository, read_manifest, repository_manifest
 
 ROOT = Path(__file__).resolve().parent.parent  # the source checkout (editable install)
 EMBEDDED = ROOT / "embedded" / "digits"  # the trained embedded default (a diffusers folder)
@@ -103,14 +96,8 @@ def prepare_repository(args: argparse.Namespace, progress=print) -> Path:
         max_k=args.max_k,
         emulated_latency_ms=args.emulated_latency_ms,
     )
-    manifest = read_manifest(args.repository)
-    wanted = {
-        "pipeline": str(pipeline.resolve()),
-        "fingerprint": pipeline_fingerprint(pipeline),
-        "code": code_fingerprint(),
-        "settings": asdict(settings),
-    }
-    if manifest == json.loads(json.dumps(wanted)) and not args.rebuild:
+    wanted = json.loads(json.dumps(repository_manifest(pipeline, settings)))  # as read back
+    if read_manifest(args.repository) == wanted and not args.rebuild:
         progress(f"[serve] reusing {args.repository} (built from {pipeline})")
         return args.repository
     return build_repository(

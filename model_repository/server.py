@@ -241,6 +241,13 @@ class TritonServer:
         self._shm_prefix = f"driffusion_{os.getpid()}_{secrets.token_hex(4)}_"
         self._process: subprocess.Popen | None = None
 
+    @classmethod
+    def on_free_ports(cls, model_repository: str | Path, **kwargs) -> TritonServer:
+        """A server on three free local ports (HTTP, gRPC, metrics), as tests and benchmarks
+        want; ``kwargs`` as for the constructor."""
+        http, grpc, metrics = find_free_ports(3)
+        return cls(model_repository, http_port=http, grpc_port=grpc, metrics_port=metrics, **kwargs)
+
     # -- addresses -------------------------------------------------------------------------------
     @property
     def _client_host(self) -> str:

@@ -16,6 +16,7 @@ _EXPORTS = {
     "count_rounds": "engine",
     "draft_and_refine": "engine",
     "plan": "engine",
+    "round_sizes": "engine",
     "sample": "engine",
     "tapered": "engine",
     "jump": "jumps",

@@ -130,14 +130,22 @@ def plan(num_steps: int, mode: str, k: KSpec = 1) -> list[Block]:
     return blocks
 
 
+def round_sizes(num_steps: int, mode: str, k: KSpec = 1) -> list[int]:
+    """States evaluated in each serial denoiser round of a run, without running it: a block's
+    exact anchor is a round of one, its drafts a round of ``last_draft - anchor``."""
+    sizes = []
+    for blk in plan(num_steps, mode, k):
+        if blk.exact_anchor:
+            sizes.append(1)
+        if blk.last_draft > blk.anchor:
+            sizes.append(blk.last_draft - blk.anchor)
+    return sizes
+
+
 def count_rounds(num_steps: int, mode: str, k: KSpec = 1) -> tuple[int, int]:
     """(rounds, evaluations) of a run, without running it."""
-    rounds = evaluations = 0
-    for blk in plan(num_steps, mode, k):
-        drafts = blk.last_draft - blk.anchor
-        rounds += int(blk.exact_anchor) + int(drafts > 0)
-        evaluations += int(blk.exact_anchor) + drafts
-    return rounds, evaluations
+    sizes = round_sizes(num_steps, mode, k)
+    return len(sizes), sum(sizes)
 
 
 def draft_and_refine(

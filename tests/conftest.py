@@ -17,20 +17,13 @@ def start_triton_server(tmp_path_factory):
     stopped when the test module ends.
     """
     pytest.importorskip("pytriton", reason="tritonserver needs the driffusion[server] extra")
-    from driffusion.model_repository.server import TritonServer, find_free_ports
+    from driffusion.model_repository.server import TritonServer
 
     servers = []
 
     def start(model_repository, **kwargs) -> TritonServer:
-        http_port, grpc_port, metrics_port = find_free_ports(3)
         kwargs.setdefault("log_path", tmp_path_factory.mktemp("triton") / "server.log")
-        server = TritonServer(
-            model_repository,
-            http_port=http_port,
-            grpc_port=grpc_port,
-            metrics_port=metrics_port,
-            **kwargs,
-        )
+        server = TritonServer.on_free_ports(model_repository, **kwargs)
         servers.append(server)
         return server.start()
 

@@ -15,7 +15,6 @@ from driffusion.client import DriffusionClient, DriffusionError
 from driffusion.model_repository.build import RepositorySettings, build_repository
 from driffusion.model_repository.server import (
     TritonServer,
-    find_free_ports,
     live_group_members,
     metric_sum,
 )
@@ -38,14 +37,7 @@ def repository(tiny_pipeline_dir, tmp_path_factory):
 def server(repository, tmp_path):
     """A fresh server for each fault: a hung or killed stub leaves Triton 2.51's python backend
     fragile (it may abort later on a lock the stub held), so no test inherits another's fault."""
-    http, grpc, metrics = find_free_ports(3)
-    with TritonServer(
-        repository,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        log_path=tmp_path / "server.log",
-    ) as server:
+    with TritonServer.on_free_ports(repository, log_path=tmp_path / "server.log") as server:
         yield server
 
 

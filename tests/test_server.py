@@ -172,9 +172,8 @@ def test_a_server_goes_down_with_the_process_that_started_it(tmp_path, affine_on
     add_model(tmp_path / "repo", "affine", affine_onnx, count=1)
     script = (
         "import sys, time\n"
-        "from driffusion.model_repository.server import TritonServer, find_free_ports\n"
-        "h, g, m = find_free_ports(3)\n"
-        "s = TritonServer(sys.argv[1], http_port=h, grpc_port=g, metrics_port=m).start()\n"
+        "from driffusion.model_repository.server import TritonServer\n"
+        "s = TritonServer.on_free_ports(sys.argv[1]).start()\n"
         "print(s.pid, flush=True)\n"
         "time.sleep(600)\n"
     )

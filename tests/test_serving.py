@@ -16,7 +16,6 @@ from driffusion.client import DriffusionClient, DriffusionError, psnr
 from driffusion.model_repository.build import RepositorySettings, build_repository
 from driffusion.model_repository.server import (
     TritonServer,
-    find_free_ports,
     live_group_members,
     metric_sum,
 )
@@ -206,14 +205,7 @@ def test_four_concurrent_clients_all_succeed_and_overlap(padded_server):
 
 
 def test_stopping_leaves_no_process_and_no_shared_memory(tiny_repository, tmp_path):
-    http, grpc, metrics = find_free_ports(3)
-    server = TritonServer(
-        tiny_repository,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        log_path=tmp_path / "log",
-    )
+    server = TritonServer.on_free_ports(tiny_repository, log_path=tmp_path / "log")
     server.start()
     with DriffusionClient(server.grpc_url) as c:
         c.wait_ready(timeout_s=60)
