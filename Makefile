@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Build outputs (repository, exports, images) stay in the checkout: .build/
 demo: $(STAMP)
-	$(VENV)/bin/driffusion demo
+	DRIFFUSION_CACHE=.build $(VENV)/bin/driffusion demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

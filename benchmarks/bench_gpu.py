@@ -43,7 +43,7 @@ import torch
 
 from driffusion import count_rounds, parallelize
 from driffusion.export.tiny import tiny_clip_vocab
-from driffusion.specs import get_family
+from driffusion.families import get_family
 from report import write_section
 
 PROMPT = "a photo of an astronaut riding a horse"

@@ -27,7 +27,7 @@ from driffusion import parallelize
 from driffusion.client import DriffusionClient, psnr
 from driffusion.export.pipelines import load_pipeline
 from driffusion.model_repository.build import RepositorySettings, build_repository
-from driffusion.model_repository.serve import EMBEDDED
+from driffusion.model_repository.paths import embedded_dir
 from driffusion.model_repository.server import TritonServer
 from driffusion.service import k_spec
 from report import write_section
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    EMBEDDED = embedded_dir() / "digits"
     pipe = load_pipeline(EMBEDDED)
     pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier(EMBEDDED / "classifier")

@@ -1,16 +1,9 @@
 """Export a diffusers pipeline's text encoders, denoiser and VAE decoder to ONNX, as its family spec
 says.
 
-Each component is wrapped in a small ``nn.Module`` whose positional inputs and outputs are the
-spec's tensors, in the spec's order, so the ONNX graph carries the spec's names and dynamic axes:
-
-- text encoders return the hidden states the pipeline feeds the denoiser (SD 1/2: the last layer
-  after the final layer norm; SDXL and SD3: ``hidden_states[-2]``) and, where the spec lists
-  ``pooled``, the projected EOS state (``text_embeds``);
-- the denoiser returns the raw model output (eps, v or flow velocity, per the family);
-- the VAE decoder undoes the latent scaling (1 / scaling_factor, SD3's shift_factor, SDXL-style
-  latents_mean/std when configured) and returns the image as RGB in [0, 1], clamped, as diffusers'
-  postprocessing does before quantizing to uint8.
+Each component is traced through its wrapper (``driffusion.export.wrappers``), whose positional
+inputs and outputs are the spec's tensors in the spec's order, so the ONNX graph carries the
+spec's names and dynamic axes.
 
 The ONNX files are fp32; TensorRT picks the build precision from the spec. Exporter: torch's
 TorchScript-based exporter (``dynamo=False``), which exports all three families with dynamic
@@ -36,8 +29,10 @@ import onnx
 import torch
 from torch import nn
 
-from driffusion import specs
-from driffusion.specs import FamilySpec, ModelSpec
+from driffusion.families import FamilySpec
+from driffusion.tensors import ModelSpec
+
+from .wrappers import WrapError, wrap_component
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20  # protobuf's 2 GiB limit, less room for the graph
 MODEL_FILE = "model.onnx"
@@ -46,105 +41,6 @@ DATA_FILE = "model.onnx.data"
 
 class ExportError(RuntimeError):
     """A component failed to export; the message names it and says why."""
-
-
-# --- wrappers: spec tensors in, spec tensors out -------------------------------------------------
-
-
-class TextEncoderWrapper(nn.Module):
-    """input_ids -> hidden_states [, pooled], as the family's pipeline reads the CLIP outputs."""
-
-    def __init__(self, encoder: nn.Module, spec: ModelSpec):
-        super().__init__()
-        if spec.text_layer not in ("last", "penultimate"):
-            raise ValueError(f"text_layer must be 'last' or 'penultimate', got {spec.text_layer!r}")
-        self.encoder = encoder
-        self.penultimate = spec.text_layer == "penultimate"
-        self.pooled = specs.POOLED in spec.output_names
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        out = self.encoder(input_ids, output_hidden_states=self.penultimate, return_dict=True)
-        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
-        if not self.pooled:
-            return hidden
-        # CLIPTextModelWithProjection: text_embeds; plain CLIPTextModel: pooler_output.
-        pooled = getattr(out, "text_embeds", None)
-        return hidden, out.pooler_output if pooled is None else pooled
-
-
-class DenoiserWrapper(nn.Module):
-    """UNet2DConditionModel or SD3Transformer2DModel with the spec's inputs -> raw model output."""
-
-    def __init__(self, model: nn.Module, spec: ModelSpec):
-        super().__init__()
-        self.model = model
-        self.names = spec.input_names
-        self.is_unet = spec.pipeline_attr == "unet"
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        x = dict(zip(self.names, tensors, strict=True))
-        timestep = x[specs.TIMESTEP].to(torch.float32)  # (B,) float for every family
-        if self.is_unet:
-            added = None
-            if specs.TEXT_EMBEDS in x:  # SDXL "text_time" additional conditions
-                added = {"text_embeds": x[specs.TEXT_EMBEDS], "time_ids": x[specs.TIME_IDS]}
-            return self.model(
-                x[specs.SAMPLE],
-                timestep,
-                encoder_hidden_states=x[specs.ENCODER_HIDDEN_STATES],
-                added_cond_kwargs=added,
-                return_dict=False,
-            )[0]
-        return self.model(
-            hidden_states=x[specs.SAMPLE],
-            timestep=timestep,
-            encoder_hidden_states=x[specs.ENCODER_HIDDEN_STATES],
-            pooled_projections=x[specs.POOLED_PROJECTIONS],
-            return_dict=False,
-        )[0]
-
-
-class VaeDecoderWrapper(nn.Module):
-    """Sampled latent -> RGB image in [0, 1], (B, 3, H, W)."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-        cfg = vae.config
-        c = cfg.latent_channels
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        self.scaling_factor = float(cfg.scaling_factor)
-        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
-        self.has_stats = mean is not None and std is not None
-        if self.has_stats:
-            self.register_buffer("latents_mean", torch.tensor(mean).view(1, c, 1, 1).float())
-            self.register_buffer("latents_std", torch.tensor(std).view(1, c, 1, 1).float())
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        if self.has_stats:  # as StableDiffusionXLPipeline with latents_mean/std in the config
-            latent = latent * self.latents_std / self.scaling_factor + self.latents_mean
-        else:
-            latent = latent / self.scaling_factor
-        if self.shift_factor:  # SD3: z / scaling_factor + shift_factor
-            latent = latent + self.shift_factor
-        image = self.vae.decode(latent, return_dict=False)[0]  # [-1, 1]
-        return (image / 2 + 0.5).clamp(0, 1)
-
-
-def wrap_component(pipe: Any, spec: ModelSpec) -> nn.Module:
-    """The export wrapper of ``spec.role`` around the pipeline's module (eval mode)."""
-    module = getattr(pipe, spec.pipeline_attr, None)
-    if module is None:
-        raise ExportError(f"{spec.role}: the pipeline has no {spec.pipeline_attr!r} component")
-    if spec.role in (specs.TEXT_ENCODER, specs.TEXT_ENCODER_2):
-        wrapper: nn.Module = TextEncoderWrapper(module, spec)
-    elif spec.role == specs.DENOISER:
-        wrapper = DenoiserWrapper(module, spec)
-    elif spec.role == specs.VAE_DECODER:
-        wrapper = VaeDecoderWrapper(module)
-    else:
-        raise ExportError(f"unknown role {spec.role!r}; allowed: {specs.ROLES}")
-    return wrapper.eval()
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -166,7 +62,10 @@ def export_component(
     """
     path = Path(path)
     role = spec.role
-    wrapper = wrap_component(pipe, spec)
+    try:
+        wrapper = wrap_component(pipe, spec)
+    except WrapError as exc:
+        raise ExportError(str(exc)) from exc
     dtypes = {p.dtype for p in wrapper.parameters()}
     if dtypes != {torch.float32}:
         raise ExportError(f"{role}: export needs float32 weights, found {sorted(map(str, dtypes))}")
@@ -249,7 +148,8 @@ def export_pipeline_to_onnx(
     """Export every component of ``family_spec`` to ``out_dir/<role>/model.onnx``.
 
     ``pipe``: a loaded fp32 diffusers pipeline of that family (see
-    ``specs.family_for_pipeline`` for checkpoints whose widths differ from the public ones).
+    :func:`driffusion.export.introspect.family_for_pipeline` for checkpoints whose widths differ
+    from the public ones).
     A component whose ``model.onnx`` already exists with the spec's inputs and outputs is skipped
     unless ``force`` (weights are not compared: force after changing the checkpoint).
     ``trace_size`` (pixels) defaults to the family's smallest square size, the cheapest to trace.
@@ -317,8 +217,8 @@ def graph_io(model: onnx.ModelProto) -> dict[str, dict[str, tuple[str, tuple[int
 def _check_graph(model: onnx.ModelProto, spec: ModelSpec) -> None:
     """The graph's inputs and outputs are the spec's, in order, with its dtypes and shapes."""
     io = graph_io(model)
-    for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
-        want = {t.name: (t.dtype, t.shape) for t in tensors}
+    for kind, specs in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        want = {t.name: (t.dtype, t.shape) for t in specs}
         if list(io[kind]) != list(want) or io[kind] != want:
             raise ExportError(f"{spec.role}: ONNX graph {kind} {io[kind]} differ from spec {want}")
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from driffusion.specs import ModelSpec
+from driffusion.tensors import ModelSpec
 
 # (min, opt, max) shape per input name, as FamilySpec.trt_profiles gives it for one role.
 Profile = Mapping[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from driffusion.specs import get_family
+from driffusion.families import get_family
 
 # CLIP's byte-level alphabet; the real OpenAI/OpenCLIP vocab starts with these 256 symbols, then the
 # same symbols with the end-of-word suffix, then the merges, then the two special tokens.

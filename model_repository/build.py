@@ -1,61 +1,123 @@
-"""Write a complete Triton model repository for one diffusers pipeline.
+"""Write a complete Triton model repository for one diffusers pipeline, for one engine.
 
     <repository>/
-      text_encoder[_2]/1/model.onnx + model.py   python backend, ONNX Runtime (CPU)
-      denoiser/1/model.onnx + model.py           ``denoiser_instances`` instances
-      vae_decoder/1/model.onnx + model.py
-      driffusion/1/model.py                      the BLS orchestrator
-      driffusion/1/settings.json                 family spec, limits, defaults, fan-out width
-      driffusion/1/pipeline/                     tokenizer(s) and scheduler config
-      repository.json                            what it was built from (for reuse)
+      text_encoder[_2]/1/...       one model per pipeline component; what the folder holds depends
+      denoiser/1/...               on the engine (below); the denoiser has one instance per device
+      vae_decoder/1/...            (or ``denoiser_instances`` CPU instances)
+      driffusion/1/model.py        the BLS orchestrator (the served model)
+      driffusion/1/settings.json   family spec, limits, defaults, fan-out width
+      driffusion/1/pipeline/       tokenizer(s) and scheduler config
+      repository.json              what it was built from (pipeline, code, settings, engines)
 
-Every ``config.pbtxt`` is rendered from the specs (``config.py``). Re-running reuses the ONNX files
-unless ``force``; configs and settings are always rewritten (cheap, and they follow the settings).
+Engines, one step each:
+
+- ``onnx``: ONNX files run by ONNX Runtime in python-backend models on the CPU (the CPU server);
+- ``tensorrt``: ONNX exports built into TensorRT engines on this machine's GPUs, served as
+  ``tensorrt_plan`` models (``driffusion.export.tensorrt``);
+- ``torch``: the pipeline's own modules run by PyTorch in python-backend models, on the listed
+  GPUs in fp16, or on the CPU in fp32.
+
+Every ``config.pbtxt`` is rendered from the specs (``config.py``). ONNX exports are cached by
+pipeline and spec under ``<cache>/onnx`` and linked into each repository, so repositories that
+differ only in their settings are not exported twice; ``force`` exports again. Configs and the
+orchestrator are always rewritten (cheap, and they follow the settings).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from driffusion import api
+from driffusion.families import FAMILY_NAMES, FamilySpec
 from driffusion.service import ServiceSettings
-from driffusion.specs import DENOISER, FamilySpec, family_for_pipeline
+from driffusion.tensors import DENOISER, ModelSpec
 
 from .config import component_config, orchestrator_config
+from .paths import cache_dir
 
 ORCHESTRATOR = "driffusion"  # the served model's name
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 MANIFEST = "repository.json"
+ENGINES = ("onnx", "tensorrt", "torch")
+PRECISIONS = ("fp16", "fp32")
+ENGINE_FILE = "model.plan"  # the file name Triton's TensorRT backend loads
+RUNNERS = {"onnx": "onnx_runtime", "torch": "torch_runner"}  # python-backend model folders
+Say = Callable[[str], object]
+
+
+class RepositoryBuildError(RuntimeError):
+    """A step of the build failed; the message names the step, the component and why."""
 
 
 @dataclass(frozen=True)
 class RepositorySettings:
-    """How the repository is laid out and served."""
+    """How a repository is built and served: one type for every engine."""
 
     family: str = "sd21"  # spec family of the pipeline: sd21 | sdxl | sd3
-    denoiser_instances: int = 4  # one per device; CPU: KIND_CPU instances
+    engine: str = "onnx"  # onnx (CPU) | tensorrt (GPU engines) | torch (PyTorch, GPU or CPU)
+    gpus: tuple[int, ...] = ()  # GPU indices (tensorrt, torch); the other models on gpus[0]
+    denoiser_instances: int | None = None  # None: one per GPU, or 4 on the CPU
     orchestrator_instances: int = 4  # concurrent requests served without queueing
-    max_k: int = 8  # largest k a request may ask for
+    max_k: int = 8  # largest k a request may ask for; bounds the denoiser's batch (2 * max_k)
+    precision: str | None = None  # fp16 | fp32; None: fp16 on GPUs, fp32 on the CPU
+    model_timeout_s: float = 120.0  # a model call not answered by then is retried or fails
+    request_timeout_s: float = 300.0  # a request still running then fails
+    default_steps: int | None = None  # None: the family's
+    default_guidance: float | None = None  # None: the family's
+    # CPU serving (onnx): threads, and the GPU emulation that pads each denoiser call
+    intra_op_threads: int = 1  # ONNX Runtime threads per instance
     emulated_latency_ms: float = 0.0  # pad each denoiser call (stands for a GPU on a CPU box)
     emulated_latency_per_item_ms: float = 0.0  # ... plus this per batch row
     emulated_compute_delay_ms: float = 5.0  # ... the CPU model's work starts this far into it
-    intra_op_threads: int = 1  # ONNX Runtime threads per instance
-    model_timeout_s: float = 120.0  # a model call not answered by then fails its request
-    default_steps: int | None = None  # None: the family's
-    default_guidance: float | None = None  # None: the family's
+    # export and TensorRT
+    opset: int = 18  # ONNX opset of the exports (>= 18)
+    workspace_gib: float | None = None  # cap on TensorRT's builder scratch memory
 
     def __post_init__(self) -> None:
-        for name in ("denoiser_instances", "orchestrator_instances", "max_k", "intra_op_threads"):
+        object.__setattr__(self, "gpus", tuple(self.gpus))
+        if self.family not in FAMILY_NAMES:
+            raise ValueError(
+                f"family must be one of {', '.join(FAMILY_NAMES)}, got {self.family!r}"
+            )
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if any(not isinstance(g, int) or isinstance(g, bool) or g < 0 for g in self.gpus):
+            raise ValueError(f"gpus must list GPU indices >= 0, got {list(self.gpus)}")
+        if len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"gpus must not repeat an index, got {list(self.gpus)}")
+        if self.engine == "tensorrt" and not self.gpus:
+            raise ValueError("gpus must list at least one GPU for engine tensorrt")
+        if self.engine == "onnx" and self.gpus:
+            raise ValueError("engine onnx runs on the CPU: leave gpus empty (or use torch)")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
+        if self.resolved_precision == "fp16" and not self.gpus:
+            raise ValueError("precision fp16 needs GPUs (ONNX Runtime and torch on CPU run fp32)")
+        for name in ("orchestrator_instances", "max_k", "intra_op_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.model_timeout_s > 0:
-            raise ValueError(f"model_timeout_s must be > 0, got {self.model_timeout_s}")
+        if self.denoiser_instances is not None:
+            n = self.denoiser_instances
+            if n < 1:
+                raise ValueError(f"denoiser_instances must be >= 1, got {n}")
+            if self.gpus and n % len(self.gpus):
+                raise ValueError(
+                    f"denoiser_instances must be a multiple of the {len(self.gpus)} GPUs "
+                    f"(the same count on each), got {n}"
+                )
+            if self.engine == "tensorrt" and n != len(self.gpus):
+                raise ValueError("engine tensorrt serves one denoiser instance per GPU")
+        for name in ("model_timeout_s", "request_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in (
             "emulated_latency_ms",
             "emulated_latency_per_item_ms",
@@ -63,6 +125,24 @@ class RepositorySettings:
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.opset < 18:
+            raise ValueError(f"opset must be >= 18, got {self.opset}")
+
+    @property
+    def instances(self) -> int:
+        """Denoiser instances in all (the orchestrator's fan-out width)."""
+        if self.denoiser_instances is not None:
+            return self.denoiser_instances
+        return len(self.gpus) if self.gpus else 4
+
+    @property
+    def resolved_precision(self) -> str:
+        return self.precision or ("fp16" if self.gpus else "fp32")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RepositorySettings:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def build_repository(
@@ -71,51 +151,228 @@ def build_repository(
     settings: RepositorySettings | None = None,
     *,
     force: bool = False,
-    progress: Callable[[str], object] | None = print,
+    cache: str | Path | None = None,
+    timing_cache: str | Path | None = None,
+    progress: Say | None = print,
+    engine_builder: Callable[..., Any] | None = None,
 ) -> Path:
-    """Export ``pipeline`` (a diffusers folder) and write the repository to ``out``."""
-    from driffusion.export.onnx import export_component, matches_spec
+    """Export ``pipeline`` (a diffusers folder or hub id) and write the repository to ``out``.
+
+    ``cache``: where ONNX exports are kept (default ``paths.cache_dir()``);
+    ``timing_cache``: TensorRT's (default ``<cache>/tensorrt/timing.cache``); ``engine_builder``
+    replaces :func:`driffusion.export.tensorrt.build_engine` (tests without TensorRT). Raises
+    RepositoryBuildError naming the failed step.
+    """
+    from driffusion.export.introspect import family_for_pipeline
     from driffusion.export.pipelines import load_pipeline
 
     settings = settings or RepositorySettings()
     say = progress or (lambda _m: None)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache) if cache is not None else cache_dir()
     start = time.perf_counter()
+    if settings.engine == "tensorrt" and engine_builder is None:
+        engine_builder = _check_tensorrt(settings, say)  # fails before the long export
     say(f"[repository] loading {pipeline}")
-    pipe = load_pipeline(pipeline)
-    family = family_for_pipeline(settings.family, pipe)
-    previous, manifest = read_manifest(out), repository_manifest(pipeline, settings)
-    if previous is not None and not force:
-        if any(previous.get(key) != manifest[key] for key in ("pipeline", "fingerprint")):
-            say(f"[repository] {out} was built from another pipeline or weights: re-exporting")
-            force = True
-    trace = (family.min_size, family.min_size)
+    try:
+        pipe = load_pipeline(pipeline)
+        family = family_for_pipeline(settings.family, pipe, precision=settings.resolved_precision)
+    except Exception as exc:
+        raise RepositoryBuildError(
+            f"loading pipeline {pipeline} as {settings.family} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = repository_manifest(pipeline, settings)
+    previous = read_manifest(out)
+    if previous is not None and previous.get("fingerprint") != manifest["fingerprint"]:
+        say(f"[repository] {out} was built from another pipeline or weights: rebuilding")
+    exports = lambda: _cached_exports(  # noqa: E731 (onnx and tensorrt)
+        pipe, family, manifest["fingerprint"], settings, cache, force, say
+    )
+    if settings.engine == "onnx":
+        records = _onnx_step(exports(), family, out, settings)
+    elif settings.engine == "tensorrt":
+        records = _tensorrt_step(
+            exports(), family, out, settings, cache, timing_cache, engine_builder, force, say
+        )
+    else:
+        records = _torch_step(pipe, family, out, settings, say)
+    for role, text in component_configs(family, settings).items():
+        (out / role / "config.pbtxt").write_text(text)
+    write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
+    (out / MANIFEST).write_text(json.dumps({**manifest, "engines": records}, indent=2) + "\n")
+    say(f"[repository] {out} ready in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+# --- one step per engine -----------------------------------------------------------------------
+
+
+def _onnx_step(exports, family, out, settings) -> dict[str, Any]:
+    for role in family.components:
+        version = _version_dir(out, role)
+        _link(exports[role], version)
+        shutil.copy2(MODELS_DIR / RUNNERS["onnx"] / "model.py", version / "model.py")
+    return {role: {"onnx": str(path)} for role, path in exports.items()}
+
+
+def _tensorrt_step(exports, family, out, settings, cache, timing_cache, builder, force, say):
+    timing = Path(timing_cache) if timing_cache is not None else cache / "tensorrt" / "timing.cache"
+    profiles = family.trt_profiles(settings.max_k)
+    records = {}
     for role, spec in family.components.items():
-        version = out / role / "1"
-        version.mkdir(parents=True, exist_ok=True)
-        onnx = version / "model.onnx"
-        if force or not onnx.exists() or not matches_spec(onnx, spec):
-            t0 = time.perf_counter()
-            say(f"[repository] exporting {role} to ONNX ...")
-            export_component(pipe, spec, onnx, trace_size=trace)
-            say(f"[repository] exported {role} in {time.perf_counter() - t0:.1f} s")
+        version = _version_dir(out, role)
+        try:
+            info = builder(
+                exports[role] / "model.onnx",
+                version / ENGINE_FILE,
+                spec,
+                profiles[role],
+                timing_cache=timing,
+                workspace_gib=settings.workspace_gib,
+                force=force,
+                progress=say,
+            )
+        except Exception as exc:
+            raise RepositoryBuildError(
+                f"building the TensorRT engine of {role} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        records[role] = getattr(info, "record", None)
+        _remove_other_engine_files(version, keep=(ENGINE_FILE, f"{ENGINE_FILE}.json"))
+    return records
+
+
+def _torch_step(pipe, family, out, settings, say) -> dict[str, Any]:
+    from driffusion.export.torch_modules import save_component
+
+    records = {}
+    for role, spec in family.components.items():
+        version = _version_dir(out, role)
+        _remove_other_engine_files(version, keep=())
+        t0 = time.perf_counter()
+        records[role] = save_component(pipe, spec, version / "component")
+        say(f"[repository] {role}: torch weights saved in {time.perf_counter() - t0:.1f} s")
+        shutil.copy2(MODELS_DIR / RUNNERS["torch"] / "model.py", version / "model.py")
+    return records
+
+
+def component_configs(family: FamilySpec, settings: RepositorySettings) -> dict[str, str]:
+    """{role: config.pbtxt text} of every component for ``settings.engine``: the denoiser's
+    instances on every GPU (or on the CPU), the other components once, on the first GPU."""
+    configs = {}
+    for role, spec in family.components.items():
+        gpus = (settings.gpus if role == DENOISER else settings.gpus[:1]) or None
+        if settings.engine == "tensorrt":
+            configs[role] = component_config(role, spec, platform="tensorrt_plan", gpus=gpus)
+            continue
+        instances = settings.instances // max(len(settings.gpus), 1) if role == DENOISER else 1
+        params: dict[str, object] = dict(_contract(spec, family, settings))
+        if settings.engine == "torch":
+            params["dtype"] = "float16" if spec.precision == "fp16" else "float32"
         else:
-            say(f"[repository] {role}: reusing {onnx} (--force re-exports)")
-        shutil.copy2(MODELS_DIR / "onnx_runtime" / "model.py", version / "model.py")
-        params: dict[str, object] = {"intra_op_threads": settings.intra_op_threads}
-        instances = 1
-        if role == DENOISER:
-            instances = settings.denoiser_instances
+            params["intra_op_threads"] = settings.intra_op_threads
+        if role == DENOISER and settings.engine == "onnx":
             params["emulated_latency_ms"] = settings.emulated_latency_ms
             params["emulated_latency_per_item_ms"] = settings.emulated_latency_per_item_ms
             params["emulated_compute_delay_ms"] = settings.emulated_compute_delay_ms
-        config = component_config(role, spec, engine="onnx", instances=instances, parameters=params)
-        (out / role / "config.pbtxt").write_text(config)
-    write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    say(f"[repository] {out} ready in {time.perf_counter() - start:.1f} s")
-    return out
+        configs[role] = component_config(
+            role, spec, backend="python", instances=instances, gpus=gpus, parameters=params
+        )
+    return configs
+
+
+def _cached_exports(pipe, family, fingerprint, settings, cache, force, say) -> dict[str, Path]:
+    """{role: folder with model.onnx[.data]}: exported once per pipeline, spec and precision."""
+    from driffusion.export.onnx import export_component, matches_spec
+
+    folders = {}
+    for role, spec in family.components.items():
+        key = _digest(fingerprint, json.dumps(asdict(spec), sort_keys=True), settings.opset)
+        folder = cache / "onnx" / f"{role}-{key}"
+        onnx = folder / "model.onnx"
+        if force or not onnx.exists() or not matches_spec(onnx, spec):
+            t0 = time.perf_counter()
+            say(f"[repository] exporting {role} to ONNX ({spec.precision}) ...")
+            folder.mkdir(parents=True, exist_ok=True)
+            trace = (family.min_size, family.min_size)
+            try:
+                export_component(pipe, spec, onnx, trace_size=trace, opset=settings.opset)
+            except Exception as exc:
+                raise RepositoryBuildError(f"ONNX export of {role} failed: {exc}") from exc
+            say(f"[repository] exported {role} in {time.perf_counter() - t0:.1f} s")
+        else:
+            say(f"[repository] {role}: reusing the ONNX export in {folder} (--force re-exports)")
+        folders[role] = folder
+    return folders
+
+
+def _contract(spec: ModelSpec, family: FamilySpec, settings: RepositorySettings) -> dict[str, str]:
+    """The shapes a component may be sent, as ``config.pbtxt`` parameters its runner enforces:
+    the largest batch a valid ``driffusion`` request makes, and the served size range."""
+    bounds = {
+        "batch": [1, spec.max_batch(settings.max_k)],
+        "height": [family.min_size, family.max_size],
+        "width": [family.min_size, family.max_size],
+        "latent_height": [
+            family.min_size // family.vae_scale_factor,
+            family.max_size // family.vae_scale_factor,
+        ],
+        "latent_width": [
+            family.min_size // family.vae_scale_factor,
+            family.max_size // family.vae_scale_factor,
+        ],
+    }
+    shapes = {t.name: list(t.shape) for t in spec.inputs}
+    return {"input_shapes": json.dumps(shapes), "dim_bounds": json.dumps(bounds)}
+
+
+def _version_dir(out: Path, role: str) -> Path:
+    version = out / role / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    return version
+
+
+def _link(source: Path, version: Path) -> None:
+    """The export's files into ``version`` (hard links, else copies)."""
+    for stale in version.glob("model.onnx*"):
+        stale.unlink()
+    for src in source.glob("model.onnx*"):
+        try:
+            os.link(src, version / src.name)
+        except OSError:
+            shutil.copy2(src, version / src.name)
+
+
+def _remove_other_engine_files(version: Path, keep: tuple[str, ...]) -> None:
+    """Files another engine left in a version folder (a repository rebuilt for another engine)."""
+    for path in version.iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _check_tensorrt(settings: RepositorySettings, say: Say):
+    """Fail before the long export when TensorRT or the GPUs cannot build; the engine builder."""
+    from driffusion.export import tensorrt as trt_build
+
+    version = trt_build.import_tensorrt().__version__
+    try:
+        gpu = trt_build.check_gpus(settings.gpus, trt_build.query_gpus(), version)
+    except trt_build.EngineBuildError as exc:
+        raise RepositoryBuildError(f"checking the GPUs failed: {exc}") from exc
+    where = "nvidia-smi not found, GPUs not checked" if gpu is None else gpu.name
+    say(f"[repository] TensorRT {version}; engines for {where}")
+
+    def build(*args, **kwargs):
+        return trt_build.build_engine(*args, gpu=gpu, **kwargs)
+
+    return build
+
+
+# --- the orchestrator ---------------------------------------------------------------------------
 
 
 def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: RepositorySettings):
@@ -132,8 +389,9 @@ def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: Reposit
     height, width = family.default_size
     service = ServiceSettings(
         family=family,
-        denoiser_instances=settings.denoiser_instances,
+        denoiser_instances=settings.instances,
         model_timeout_s=settings.model_timeout_s,
+        request_timeout_s=settings.request_timeout_s,
         limits=api.Limits(
             max_k=settings.max_k,
             min_size=family.min_size,
@@ -158,22 +416,35 @@ def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: Reposit
     )
 
 
+# --- what a repository was built from ----------------------------------------------------------
+
+
 def repository_manifest(pipeline: str | Path, settings: RepositorySettings) -> dict:
-    """What ``build_repository`` records in ``repository.json``: the pipeline folder and a
-    fingerprint of its files, of this driffusion's code, and the settings. A repository whose
-    record equals this one is up to date."""
+    """What ``build_repository`` records in ``repository.json`` (besides the engine records): the
+    pipeline, a fingerprint of its files, of this driffusion's code, and the settings. A
+    repository whose record has these same values is up to date."""
     return {
-        "pipeline": str(Path(pipeline).resolve()),
+        "pipeline": str(Path(pipeline).resolve()) if Path(pipeline).exists() else str(pipeline),
         "fingerprint": pipeline_fingerprint(pipeline),
         "code": code_fingerprint(),
-        "settings": asdict(settings),
+        "settings": json.loads(json.dumps(asdict(settings))),  # as read back from JSON
     }
+
+
+def is_up_to_date(repository: str | Path, pipeline: str | Path, settings: RepositorySettings):
+    """Whether ``repository`` was built from ``pipeline`` with ``settings`` by this code."""
+    previous = read_manifest(repository)
+    wanted = repository_manifest(pipeline, settings)
+    return previous is not None and all(previous.get(k) == v for k, v in wanted.items())
 
 
 def pipeline_fingerprint(pipeline: str | Path) -> str:
     """A cheap identity of a pipeline folder's files (path, size, mtime): changes when it is
-    retrained or replaced, so the repository is re-exported instead of serving stale weights."""
+    retrained or replaced, so the repository is re-exported instead of serving stale weights. A
+    hub id is its own identity."""
     folder = Path(pipeline)
+    if not folder.is_dir():
+        return _digest(str(pipeline))
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         stat = path.stat()
@@ -189,7 +460,7 @@ def code_fingerprint() -> str:
 
     package = Path(driffusion.__file__).resolve().parent
     files = sorted(MODELS_DIR.rglob("*.py")) + [
-        package / name for name in ("api.py", "service.py", "specs.py")
+        package / name for name in ("api.py", "service.py", "tensors.py", "families.py")
     ]
     files += [Path(__file__).resolve(), Path(__file__).resolve().parent / "config.py"]
     digest = hashlib.sha256()
@@ -202,3 +473,7 @@ def read_manifest(repository: str | Path) -> dict | None:
     """What a repository was built from, or None if it is not one of ours."""
     path = Path(repository) / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]

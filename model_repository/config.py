@@ -1,7 +1,9 @@
 """``config.pbtxt`` rendered from the model specs and the request API, with Triton's own protobuf.
 
-Every tensor name, dtype and shape comes from ``driffusion.specs`` (pipeline components) or
-``driffusion.api`` (the ``driffusion`` model): nothing is typed here.
+Every tensor name, dtype and shape comes from ``driffusion.tensors`` (pipeline components) or
+``driffusion.api`` (the ``driffusion`` model): nothing is typed here. Every config says
+``max_batch_size: 0`` (shapes carry their own batch axis) in so many words: proto3's text format
+leaves a zero out, and a server running with auto-complete on would then fill in its own.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from driffusion import api
-from driffusion.specs import ModelSpec
+from driffusion.tensors import ModelSpec
 
 _NUMPY_TO_TRITON = {
     "float32": mc.TYPE_FP32,
@@ -51,28 +53,35 @@ def _config(
         name=name,
         backend=backend,
         platform=platform,
-        max_batch_size=0,  # shapes carry their own batch axis (CFG x drafts)
+        max_batch_size=0,
         input=list(inputs),
         output=list(outputs),
         instance_group=list(groups),
     )
     for key, value in (parameters or {}).items():
         config.parameters[key].string_value = str(value)
-    return text_format.MessageToString(config)
+    text = text_format.MessageToString(config)
+    first, rest = text.split("\n", 1)  # the name line
+    return f"{first}\nmax_batch_size: 0\n{rest}"
 
 
 def component_config(
     name: str,
     spec: ModelSpec,
     *,
-    engine: str,
+    backend: str = "",
+    platform: str = "",
     instances: int = 1,
     gpus: Sequence[int] | None = None,
     parameters: Mapping[str, object] | None = None,
 ) -> str:
-    """A pipeline component: ``engine="onnx"`` is a python-backend model running ONNX Runtime on
-    the CPU (``instances`` of it); ``"tensorrt"`` a ``tensorrt_plan`` model with one instance on
-    each of ``gpus``."""
+    """A pipeline component served by ``backend`` (``python``: ONNX Runtime or torch runners) or
+    ``platform`` (``tensorrt_plan``): ``instances`` on the CPU when ``gpus`` is None, else
+    ``instances`` on EACH of ``gpus``."""
+    if bool(backend) == bool(platform):
+        raise ValueError("give exactly one of backend and platform")
+    if gpus is not None and not gpus:
+        raise ValueError("gpus must list at least one GPU index (or be None for the CPU)")
     ins = [
         mc.ModelInput(name=t.name, data_type=_NUMPY_TO_TRITON[t.dtype], dims=t.wildcard_shape)
         for t in spec.inputs
@@ -81,15 +90,10 @@ def component_config(
         mc.ModelOutput(name=t.name, data_type=_NUMPY_TO_TRITON[t.dtype], dims=t.wildcard_shape)
         for t in spec.outputs
     ]
-    if engine == "onnx":
-        groups = [_group(instances, None)]
-        return _config(name, ins, outs, groups, backend="python", parameters=parameters)
-    if engine == "tensorrt":
-        if not gpus:
-            raise ValueError("gpus must list at least one GPU index for a TensorRT engine")
-        groups = [_group(1, [g]) for g in gpus]  # one instance per GPU
-        return _config(name, ins, outs, groups, platform="tensorrt_plan", parameters=parameters)
-    raise ValueError(f"engine must be onnx or tensorrt, got {engine!r}")
+    groups = [_group(instances, gpus)]
+    return _config(
+        name, ins, outs, groups, backend=backend, platform=platform, parameters=parameters
+    )
 
 
 def orchestrator_config(name: str, instances: int) -> str:

@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import paths
+
 _PIP_HINT = "install the server extra: pip install 'driffusion[server]'"
 _SHM_DIR = Path("/dev/shm")
 
@@ -108,12 +110,6 @@ def locate_tritonserver() -> TritonDistribution:
     return dist
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/driffusion`` (default ``~/.cache/driffusion``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "driffusion"
-
-
 def prepare_backend_directory(dist: TritonDistribution, cache_dir: Path | None = None) -> Path:
     """Return a ``--backend-directory`` holding ``python/`` with the .so, the utils and the stub.
 
@@ -124,7 +120,7 @@ def prepare_backend_directory(dist: TritonDistribution, cache_dir: Path | None =
     stub = dist.stub.stat()
     key = hashlib.sha1(f"{dist.stub}:{stub.st_size}:{stub.st_mtime_ns}".encode()).hexdigest()[:10]
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    target = (cache_dir or default_cache_dir()) / f"triton-backends-{dist.version}-py{py}-{key}"
+    target = (cache_dir or paths.cache_dir()) / f"triton-backends-{dist.version}-py{py}-{key}"
     if (target / "python" / "triton_python_backend_stub").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +196,10 @@ class TritonServer:
         start_timeout_s: ``start()`` gives up after this long.
         stop_grace_s: after SIGTERM, ``stop()`` waits this long before SIGKILL.
         extra_args: appended to the tritonserver command line.
-        cache_dir: where the backend directory is assembled (``default_cache_dir()``).
+        cache_dir: where the backend directory is assembled (``paths.cache_dir()``).
+        binary: a tritonserver binary of its own installation (NVIDIA's container:
+            ``/opt/tritonserver/bin/tritonserver``), run with its own ``backends`` folder and the
+            environment as it is; default: the nvidia-pytriton wheel's.
     """
 
     def __init__(
@@ -220,6 +219,7 @@ class TritonServer:
         stop_grace_s: float = 30.0,
         extra_args: Sequence[str] = (),
         cache_dir: str | os.PathLike | None = None,
+        binary: str | os.PathLike | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -237,6 +237,9 @@ class TritonServer:
         self.stop_grace_s = stop_grace_s
         self.extra_args = list(extra_args)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.binary = Path(binary) if binary is not None else None
+        if self.binary is not None and not self.binary.is_file():
+            raise ValueError(f"binary: {self.binary} is not a file")
         # Unique per server: killed servers leave /dev/shm/<prefix>* behind and we remove them.
         self._shm_prefix = f"driffusion_{os.getpid()}_{secrets.token_hex(4)}_"
         self._process: subprocess.Popen | None = None
@@ -322,18 +325,23 @@ class TritonServer:
         """Launch tritonserver and block until it is ready; raise ``TritonServerError`` if not."""
         if self._process is not None:
             raise TritonServerError(f"server already running (pid {self._process.pid})")
-        dist = locate_tritonserver()
-        backend_dir = prepare_backend_directory(dist, self.cache_dir)
+        if self.binary is None:
+            dist = locate_tritonserver()
+            binary, env = dist.binary, server_environment(dist)
+            backend_dir = prepare_backend_directory(dist, self.cache_dir)
+        else:  # an installation of its own: <prefix>/bin/tritonserver, <prefix>/backends
+            binary, env = self.binary, dict(os.environ)
+            backend_dir = self.binary.resolve().parent.parent / "backends"
         if self._log_path is None:
             self._log_path = Path(tempfile.mkdtemp(prefix="driffusion-triton-")) / "server.log"
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._log_path, "wb") as log:
             self._process = subprocess.Popen(
-                self.command(backend_dir, dist.binary),
+                self.command(backend_dir, binary),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_environment(dist),
+                env=env,
                 start_new_session=True,  # own process group: stop() reaches the stubs too
                 preexec_fn=_terminate_with_parent,
             )

@@ -12,7 +12,7 @@ Notation: ``a`` anchor index, ``kb`` block size, ``E_a`` anchor output, ``xd_j``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -202,12 +202,6 @@ def draft_and_refine(
     return SampleResult(state, len(rounds), sum(rounds), rounds)
 
 
-def _model_input(schedule: Schedule, state: torch.Tensor, j: int) -> torch.Tensor:
-    if schedule.input_scales is None:
-        return state
-    return state * schedule.input_scales[j]
-
-
 def _check_output(out, x: torch.Tensor, index: int, steps: list[int]) -> None:
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"denoiser must return a torch.Tensor, got {type(out).__name__}")
@@ -256,14 +250,29 @@ def sample(
         raise ValueError("x must be a floating-point torch.Tensor of shape (B, ...)")
     if noise is None and schedule.stochastic:
         noise = StepNoise(x, generator)
-    return drive(draft_and_refine(x, schedule, mode, k, noise), denoise)
+    return drive(draft_and_refine(x, schedule, mode, k, noise), lambda r: denoise(r.x, r.t))
 
 
-def drive(rounds: Generator[Round, torch.Tensor, SampleResult], denoise: Denoise) -> SampleResult:
-    """Run an engine generator to the end, evaluating each round with ``denoise``."""
+Rounds = Generator[Round, torch.Tensor, SampleResult]
+
+
+def drive(rounds: Rounds, evaluate: Callable[[Round], torch.Tensor]) -> SampleResult:
+    """Run an engine generator to the end, each round evaluated by ``evaluate(round)``."""
     try:
         r = next(rounds)
         while True:
-            r = rounds.send(denoise(r.x, r.t))
+            r = rounds.send(evaluate(r))
+    except StopIteration as done:
+        return done.value
+
+
+async def drive_async(
+    rounds: Rounds, evaluate: Callable[[Round], Awaitable[torch.Tensor]]
+) -> SampleResult:
+    """:func:`drive` for an async ``evaluate`` (the served orchestrator's concurrent calls)."""
+    try:
+        r = next(rounds)
+        while True:
+            r = rounds.send(await evaluate(r))
     except StopIteration as done:
         return done.value

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .engine import KSpec, Round, SampleResult, StepNoise, draft_and_refine, validate
+from .engine import KSpec, Round, SampleResult, StepNoise, draft_and_refine, drive, validate
+from .guidance import combine_cfg, rows, shards, with_cfg
 from .schedule import Schedule
 
 _DENOISER_NAMES = ("unet", "transformer")
@@ -91,56 +92,43 @@ class Controller:
         schedule = Schedule.from_diffusers(scheduler, eta=eta or 0.0)
         noise = StepNoise(sample, generator) if schedule.stochastic else None
         engine = draft_and_refine(sample, schedule, self.mode, self.k, noise)
-        r = next(engine)  # round 0 is the pipeline's own call: send back its output
-        try:
-            while True:
-                r = engine.send(anchor_output if r.index == 0 else self.evaluate(r))
-        except StopIteration as done:
-            self.last_result = done.value
+        # round 0 is the pipeline's own call: its output is the anchor output
+        self.last_result = drive(
+            engine, lambda r: anchor_output if r.index == 0 else self.evaluate(r)
+        )
         return self.last_result.sample
 
     def evaluate(self, r: Round) -> torch.Tensor:
         """Guided model outputs for all states of a round, spread over the replicas."""
         states = len(r.steps)
-        shards = [s for s in torch.arange(states).tensor_split(len(self.replicas)) if len(s)]
-        rows = r.x.shape[0] // states
+        per_state = r.x.shape[0] // states
+        parts = shards(states, len(self.replicas))  # fewer states than replicas: some idle
 
-        def run_shard(replica, idx):
-            lo, hi = int(idx[0]) * rows, (int(idx[-1]) + 1) * rows
-            return self._guided(replica, r.x[lo:hi], r.t[lo:hi], len(idx))
+        def run_shard(replica, s: slice) -> torch.Tensor:
+            xs, ts = r.x[rows(s, per_state)], r.t[rows(s, per_state)]
+            return self._guided(replica, xs, ts, s.stop - s.start)
 
-        if self.pool is None or len(shards) == 1:
-            return run_shard(self.replicas[0], shards[0])
-        pairs = zip(self.replicas, shards, strict=False)  # fewer states than replicas: some idle
-        futures = [self.pool.submit(run_shard, rep, idx) for rep, idx in pairs]
-        home = r.x.device
-        return torch.cat([f.result().to(home) for f in futures])
+        if self.pool is None or len(parts) == 1:
+            return run_shard(self.replicas[0], parts[0])
+        futures = [
+            self.pool.submit(run_shard, rep, s)
+            for rep, s in zip(self.replicas, parts, strict=False)
+        ]
+        return torch.cat([f.result().to(r.x.device) for f in futures])
 
     def _guided(self, replica, x: torch.Tensor, t: torch.Tensor, states: int) -> torch.Tensor:
-        """One batched call for ``states`` states (each B rows): CFG doubles every state."""
+        """One batched call for the states of ``x`` (B rows each); CFG doubles every state."""
         pipe, device = self.pipe, next(replica.parameters()).device
         cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
-        xs, ts = x.to(device).chunk(states), t.to(device).chunk(states)
+        x, t = x.to(device), t.to(device)
         if cfg:  # per state [x, x]: uncond rows first, as the pipeline does
-            xs, ts = [torch.cat([c, c]) for c in xs], [torch.cat([c, c]) for c in ts]
-        inputs, timesteps = torch.cat(xs), torch.cat(ts)
+            x, t = with_cfg(x, states), with_cfg(t, states)
         kwargs = _tile(self.conditioning, states, device)
-        out = _call(replica, self.denoiser_name, inputs, timesteps, kwargs)
+        out = _call(replica, self.denoiser_name, x, t, kwargs)
         if not cfg:
             return out
-        guided = []
-        for chunk in out.chunk(states):
-            uncond, text = chunk.chunk(2)
-            e = uncond + pipe.guidance_scale * (text - uncond)
-            rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
-            if rescale > 0:
-                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-                    rescale_noise_cfg,
-                )
-
-                e = rescale_noise_cfg(e, text, guidance_rescale=rescale)
-            guided.append(e)
-        return torch.cat(guided)
+        rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
+        return combine_cfg(out, states, pipe.guidance_scale, rescale)
 
 
 def _call(module, name: str, sample, timestep, kwargs):

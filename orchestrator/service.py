@@ -24,25 +24,22 @@ import numpy as np
 import torch
 
 from . import api
-from .engine import Round, StepNoise, draft_and_refine, tapered
+from .conditioning import denoiser_conditions
+from .engine import Round, StepNoise, draft_and_refine, drive, drive_async, tapered
+from .families import FamilySpec
+from .guidance import combine_cfg, rows, shards, with_cfg
 from .schedule import Schedule
-from .specs import (
+from .tensors import (
     DENOISER,
-    ENCODER_HIDDEN_STATES,
     IMAGE,
     INPUT_IDS,
     LATENT,
     MODEL_OUTPUT,
-    POOLED_PROJECTIONS,
     SAMPLE,
-    TEXT_EMBEDS,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     TIMESTEP,
     VAE_DECODER,
-    FamilySpec,
-    family_from_dict,
-    family_to_dict,
 )
 
 Infer = Callable[[str, Mapping[str, np.ndarray], tuple[str, ...]], Awaitable[dict[str, np.ndarray]]]
@@ -60,7 +57,12 @@ def k_spec(k: int, schedule: str):
 
 
 class RequestCancelled(Exception):
-    """The client cancelled the request (or its deadline passed) between two rounds."""
+    """The client cancelled the request (gRPC cancellation or deadline) between two rounds."""
+
+
+class DeadlineExceeded(Exception):
+    """The request ran past its deadline (the server's ``request_timeout_s`` or the client's
+    own timeout); its work stopped at the next round or model call."""
 
 
 class ModelCallError(RuntimeError):
@@ -78,15 +80,17 @@ class ServiceSettings:
 
     family: FamilySpec
     denoiser_instances: int = 4  # fan-out width: one request per instance per round
-    model_timeout_s: float = 120.0  # a model call not answered by then fails the request
+    model_timeout_s: float = 120.0  # a model call not answered by then is retried or fails
+    request_timeout_s: float = 300.0  # a request still running then fails (DEADLINE_EXCEEDED)
     limits: api.Limits = field(default_factory=api.Limits)
     defaults: api.Defaults = field(default_factory=api.Defaults)
 
     def save(self, folder: Path) -> None:
         data = {
-            "family": family_to_dict(self.family),
+            "family": self.family.to_dict(),
             "denoiser_instances": self.denoiser_instances,
             "model_timeout_s": self.model_timeout_s,
+            "request_timeout_s": self.request_timeout_s,
             "limits": self.limits.__dict__,
             "defaults": self.defaults.__dict__,
         }
@@ -96,12 +100,21 @@ class ServiceSettings:
     def load(cls, folder: Path) -> ServiceSettings:
         data = json.loads((Path(folder) / SETTINGS_FILE).read_text())
         return cls(
-            family=family_from_dict(data["family"]),
+            family=FamilySpec.from_dict(data["family"]),
             denoiser_instances=int(data["denoiser_instances"]),
             model_timeout_s=float(data["model_timeout_s"]),
+            request_timeout_s=float(data["request_timeout_s"]),
             limits=api.Limits(**data["limits"]),
             defaults=api.Defaults(**data["defaults"]),
         )
+
+
+def executor_threads(settings: ServiceSettings) -> int:
+    """Threads an orchestrator instance needs for its blocking model calls: the widest round
+    (max_k drafts, one call each at most), the text encoders, and as many again as headroom for
+    calls left hanging by a timed-out instance (a thread cannot be taken back from a blocking
+    call)."""
+    return 2 * (max(settings.limits.max_k, 1) + 2)
 
 
 @dataclass
@@ -160,12 +173,7 @@ class Orchestrator:
         x = torch.zeros(1, self.family.latent_channels, 2, 2)
         noise = StepNoise(x, torch.Generator().manual_seed(0))
         engine = draft_and_refine(x, Schedule.from_diffusers(scheduler), "aggressive", 2, noise)
-        try:
-            r = next(engine)
-            while True:
-                r = engine.send(torch.zeros_like(r.x))
-        except StopIteration:
-            pass
+        drive(engine, lambda r: torch.zeros_like(r.x))
 
     def new_scheduler(self, steps: int):
         """A fresh scheduler (they are stateful) with ``steps`` timesteps set."""
@@ -198,9 +206,16 @@ class Orchestrator:
         req: api.GenerateRequest,
         infer: Infer,
         cancelled: Callable[[], bool] = lambda: False,
+        *,
+        deadline: float | None = None,
     ) -> GenerateOutput:
+        """Run one validated request. ``cancelled()`` is polled before every round; ``deadline``
+        (``time.monotonic()`` value, default now + ``request_timeout_s``) bounds the whole
+        request: its work stops at the next round or model call (``DeadlineExceeded``)."""
         start = time.perf_counter()
-        infer = self._with_deadline(infer)
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.request_timeout_s
+        infer = self._with_deadline(infer, deadline)
         cfg = req.guidance_scale > 1.0  # as diffusers' do_classifier_free_guidance
         cond = await self._encode_text(req, cfg, infer)
         text_done = time.perf_counter()
@@ -216,17 +231,20 @@ class Orchestrator:
         x = torch.randn((1, self.family.latent_channels, *latent_hw), generator=generator)
         x = x * float(getattr(scheduler, "init_noise_sigma", 1.0))
         k = k_spec(req.k, req.k_schedule)
-        mode = req.mode
         noise = StepNoise(x, generator) if schedule.stochastic else None
-        engine = draft_and_refine(x, schedule, mode, k, noise)
-        try:
-            r = next(engine)
-            while True:
-                if cancelled():
-                    raise RequestCancelled(f"request cancelled before round {r.index}")
-                r = engine.send(await self._evaluate(r, cond, req, cfg, infer))
-        except StopIteration as done:
-            result = done.value
+        denoiser = _DenoiserFeed(self.family, cond, cfg)
+
+        async def evaluate(r: Round) -> torch.Tensor:
+            if cancelled():
+                raise RequestCancelled(f"request cancelled before round {r.index}")
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"request deadline exceeded before round {r.index} of a {req.steps}-step "
+                    f"{req.mode} request"
+                )
+            return await self._evaluate(r, denoiser, req, infer)
+
+        result = await drive_async(draft_and_refine(x, schedule, req.mode, k, noise), evaluate)
         denoise_done = time.perf_counter()
 
         decoded = await infer(VAE_DECODER, {LATENT: result.sample.numpy()}, (IMAGE,))
@@ -242,20 +260,34 @@ class Orchestrator:
             decode_ms=(end - denoise_done) * 1e3,
         )
 
-    def _with_deadline(self, infer: Infer) -> Infer:
-        """``infer`` that gives up on a call after ``model_timeout_s`` and retries a denoiser call
-        that failed in one instance (crashed or hung) on the others: the request completes on the
-        remaining instances. A hung instance's late answer is dropped."""
-        timeout = self.settings.model_timeout_s
+    def request_timeout_s(self, client_timeout_s: float | None) -> float:
+        """A request's time budget: the server's ``request_timeout_s``, or the client's own
+        timeout where that is shorter."""
+        server = self.settings.request_timeout_s
+        return server if client_timeout_s is None else min(server, client_timeout_s)
+
+    def _with_deadline(self, infer: Infer, deadline: float) -> Infer:
+        """``infer`` that gives up on a call after ``model_timeout_s`` (or at the request's
+        deadline) and retries a denoiser call that failed in one instance (crashed or hung) on the
+        others: the request completes on the remaining instances. A hung instance's late answer
+        is dropped."""
         denoiser_retries = min(self.settings.denoiser_instances - 1, 2)
 
         async def call(model, inputs, outputs):
             retries = denoiser_retries if model == DENOISER else 0
             attempt = 0
             while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(f"request deadline exceeded before a {model} call")
+                timeout = min(self.settings.model_timeout_s, left)
                 try:
                     return await asyncio.wait_for(infer(model, inputs, outputs), timeout)
                 except asyncio.TimeoutError:
+                    if timeout < self.settings.model_timeout_s:
+                        raise DeadlineExceeded(
+                            f"request deadline exceeded waiting for {model}"
+                        ) from None
                     error = ModelCallError(
                         f"model {model} did not answer within {timeout:g} s", retryable=True
                     )
@@ -287,36 +319,58 @@ class Orchestrator:
             return await infer(role, {INPUT_IDS: ids}, outputs)
 
         text = dict(zip(roles, await asyncio.gather(*(encode(r) for r in roles)), strict=True))
-        cond = self.family.denoiser_inputs(text, req.height, req.width)
-        if cfg and self.family.zero_empty_negative and not req.negative_prompt:
-            for name in (ENCODER_HIDDEN_STATES, TEXT_EMBEDS, POOLED_PROJECTIONS):
-                if name in cond:  # SDXL's force_zeros_for_empty_prompt
-                    cond[name] = cond[name].copy()
-                    cond[name][0] = 0
-        return {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in cond.items()}
+        empty_negative = 0 if cfg and not req.negative_prompt else None
+        return denoiser_conditions(
+            self.family, text, req.height, req.width, empty_negative_row=empty_negative
+        )
 
-    async def _evaluate(self, r: Round, cond, req, cfg: bool, infer: Infer) -> torch.Tensor:
+    async def _evaluate(self, r: Round, denoiser: _DenoiserFeed, req, infer: Infer) -> torch.Tensor:
         """The guided model outputs of one round, its states spread over the denoiser requests."""
         states = len(r.steps)
-        parts = 1 if req.fanout == "batch" else min(states, self.settings.denoiser_instances)
-        shards = [s for s in np.array_split(np.arange(states), parts) if len(s)]
-        x, t = r.x.numpy(), r.t.numpy().astype(np.float32)
-        rows = x.shape[0] // states  # images per state (1 here)
-        outputs = self.family.components[DENOISER].output_names
+        parts = 1 if req.fanout == "batch" else self.settings.denoiser_instances
+        x, t = r.x, r.t
+        if denoiser.cfg:  # every state as its (uncond, cond) rows
+            x, t = with_cfg(x, states), with_cfg(t, states)
+        per_state = x.shape[0] // states
+        calls = [
+            infer(
+                DENOISER,
+                denoiser.feed(x[rows(s, per_state)], t[rows(s, per_state)]),
+                (MODEL_OUTPUT,),
+            )
+            for s in shards(states, parts)
+        ]
+        results = await asyncio.gather(*calls)
+        out = torch.cat([torch.from_numpy(np.asarray(res[MODEL_OUTPUT])) for res in results])
+        out = out.float()
+        if denoiser.cfg:
+            out = combine_cfg(out, states, req.guidance_scale)
+        return out
 
-        def inputs(idx: np.ndarray) -> dict[str, np.ndarray]:
-            lo, hi = idx[0] * rows, (idx[-1] + 1) * rows
-            xs, ts = np.split(x[lo:hi], len(idx)), np.split(t[lo:hi], len(idx))
-            if cfg:  # per state (uncond, cond): the same state twice
-                xs, ts = [np.concatenate([c, c]) for c in xs], [np.concatenate([c, c]) for c in ts]
-            feed = {SAMPLE: np.concatenate(xs), TIMESTEP: np.concatenate(ts)}
-            for name, value in cond.items():  # conditions tiled once per state
-                feed[name] = np.concatenate([value] * len(idx))
-            return feed
 
-        results = await asyncio.gather(*(infer(DENOISER, inputs(i), outputs) for i in shards))
-        out = np.concatenate([res[MODEL_OUTPUT] for res in results])
-        if cfg:
-            pairs = out.reshape(states, 2, *out.shape[1:])
-            out = pairs[:, 0] + req.guidance_scale * (pairs[:, 1] - pairs[:, 0])
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+class _DenoiserFeed:
+    """One request's denoiser inputs: the round's states and timesteps in the engine's dtypes, and
+    the text conditions, cast once and tiled once per shard size (they are the same in every
+    round and make up most of a request's bytes)."""
+
+    def __init__(self, family: FamilySpec, cond: Mapping[str, np.ndarray], cfg: bool):
+        spec = family.components[DENOISER]
+        self.cfg = cfg
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
+        self._cond = {name: np.ascontiguousarray(v, self._dtypes[name]) for name, v in cond.items()}
+        self._tiled: dict[int, dict[str, np.ndarray]] = {}
+
+    def feed(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, np.ndarray]:
+        """Inputs of one denoiser request for states ``x`` (rows: states x CFG branches)."""
+        per_state = next(iter(self._cond.values())).shape[0]
+        states = x.shape[0] // per_state
+        if states not in self._tiled:
+            self._tiled[states] = {
+                name: np.concatenate([v] * states) if states > 1 else v
+                for name, v in self._cond.items()
+            }
+        return {
+            SAMPLE: x.numpy().astype(self._dtypes[SAMPLE], copy=False),
+            TIMESTEP: t.numpy().astype(self._dtypes[TIMESTEP], copy=False),
+            **self._tiled[states],
+        }

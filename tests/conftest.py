@@ -4,6 +4,24 @@ from __future__ import annotations
 
 import pytest
 
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_cache(tmp_path_factory):
+    """Build outputs (ONNX exports, repositories, the Triton backend folder) in a folder of this
+    test session, not in the user's cache."""
+    import os
+
+    from driffusion.model_repository.paths import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 # --- Triton server fixtures ------------------------------------------------------------------
 # A real tritonserver (from the nvidia-pytriton wheel, extra `driffusion[server]`) on free ports.
 # Tests that use them are skipped where the wheel is not installed.

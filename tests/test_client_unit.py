@@ -16,6 +16,8 @@ from tritonclient.utils import deserialize_bytes_tensor
 
 from driffusion import api
 from driffusion.cli import build_parser, main
+from driffusion.cli.main import request_inputs
+from driffusion.cli.progress import progress
 from driffusion.client import (
     DriffusionClient,
     DriffusionError,
@@ -25,7 +27,6 @@ from driffusion.client import (
     psnr,
     save_png,
 )
-from driffusion.client.cli import _progress, _request
 
 UNREACHABLE = "localhost:1"  # nothing listens on port 1
 
@@ -188,20 +189,24 @@ def test_generate_flags_parse_to_the_request_of_every_input(tmp_path):
         ["generate", *GENERATE_FLAGS, "--out", str(tmp_path / "x.png"), "--url", "h:1"]
         + ["--timeout", "30", "--wait", "5"]
     )
-    assert _request(args) == EVERY_INPUT
+    assert request_inputs(args) == EVERY_INPUT
     assert (args.url, args.timeout, args.wait, args.out.name) == ("h:1", 30.0, 5.0, "x.png")
 
 
 def test_generate_sends_only_the_prompt_by_default(tmp_path):
     args = build_parser().parse_args(["generate", "--prompt", "p", "--out", "x.png"])
-    assert _request(args) == {api.PROMPT.name: "p"}
+    assert request_inputs(args) == {api.PROMPT.name: "p"}
     assert (args.url, args.timeout) == ("localhost:8001", None)
 
 
 def test_bench_compares_aggressive_k4_three_times_by_default():
     args = build_parser().parse_args(["bench", "--prompt", "p"])
     assert (args.mode, args.k, args.repeats, args.out_dir) == ("aggressive", 4, 3, None)
-    assert _request(args) == {api.PROMPT.name: "p", api.MODE.name: "aggressive", api.K.name: 4}
+    assert request_inputs(args) == {
+        api.PROMPT.name: "p",
+        api.MODE.name: "aggressive",
+        api.K.name: 4,
+    }
 
 
 def test_bench_accepts_its_documented_flags(tmp_path):
@@ -258,7 +263,7 @@ def test_generate_exits_2_on_a_value_the_client_cannot_send(tmp_path, capsys):
 
 
 def test_progress_off_a_tty_prints_a_start_and_an_end_line(capsys):
-    with _progress("generating"):
+    with progress("generating"):
         pass
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2
@@ -266,6 +271,6 @@ def test_progress_off_a_tty_prints_a_start_and_an_end_line(capsys):
 
 
 def test_progress_reports_a_failed_request(capsys):
-    with pytest.raises(DriffusionError), _progress("generating"):
+    with pytest.raises(DriffusionError), progress("generating"):
         raise DriffusionError("boom")
     assert "generating: failed in " in capsys.readouterr().err

@@ -10,7 +10,10 @@ import torch
 
 from driffusion import parallelize
 from driffusion.export.pipelines import load_pipeline
-from driffusion.model_repository.serve import EMBEDDED, EMBEDDED_GUIDANCE
+from driffusion.model_repository.paths import embedded_dir
+from driffusion.model_repository.serve import EMBEDDED_GUIDANCE
+
+EMBEDDED = embedded_dir() / "digits"
 
 pytestmark = pytest.mark.skipif(
     not (EMBEDDED / "model_index.json").exists(),

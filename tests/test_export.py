@@ -15,7 +15,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from driffusion import specs
+from driffusion import tensors
+from driffusion.conditioning import denoiser_conditions
+from driffusion.export.introspect import family_for_pipeline
 from driffusion.export.onnx import (
     DATA_FILE,
     ExportError,
@@ -25,11 +27,11 @@ from driffusion.export.onnx import (
     wrap_component,
 )
 from driffusion.export.tiny import build_tiny_pipeline, load_tiny_pipeline, tiny_clip_vocab
-from driffusion.specs import FAMILIES, family_for_pipeline, get_family
+from driffusion.families import FAMILIES, get_family
 
 RTOL = 1e-4
 K = 4  # drafts per round: the denoiser is checked at batch 1 and 2*K
-TINY = {"sd21": "sd-tiny", "sdxl": "sdxl", "sd3": "sd3"}  # tiny pipeline -> spec family
+TINY = ("sd21", "sdxl", "sd3")  # tiny pipelines, each of its family
 PROMPTS = ["a photo of a cat", "An astronaut riding a horse, 4k!", "", "dog"]
 
 
@@ -72,7 +74,7 @@ def tiny_pipes(tmp_path_factory):
 def exported(request, tiny_pipes, tmp_path_factory):
     """(pipeline, family spec, {role: onnx path}) for one tiny family."""
     pipe = tiny_pipes[request.param]
-    family = family_for_pipeline(TINY[request.param], pipe)
+    family = family_for_pipeline(request.param, pipe)
     out = tmp_path_factory.mktemp(request.param)
     paths = export_pipeline_to_onnx(pipe, family, out, progress=None)
     return pipe, family, paths
@@ -82,12 +84,12 @@ def component_inputs(pipe, family, role: str, batch: int, seed: int = 0) -> dict
     spec = family.components[role]
     x = spec.sample_inputs(batch, *family.default_size, seed=seed)
     if role in family.text_roles:  # real prompts, so the pooled EOS state is the pipeline's
-        tokenizer = pipe.tokenizer if role == specs.TEXT_ENCODER else pipe.tokenizer_2
+        tokenizer = pipe.tokenizer if role == tensors.TEXT_ENCODER else pipe.tokenizer_2
         prompts = (PROMPTS * batch)[:batch]
-        x[specs.INPUT_IDS] = tokenize(tokenizer, prompts, family.tokenizer_max_length)
-    if specs.TIME_IDS in x:
+        x[tensors.INPUT_IDS] = tokenize(tokenizer, prompts, family.tokenizer_max_length)
+    if tensors.TIME_IDS in x:
         h, w = family.default_size
-        x[specs.TIME_IDS] = np.tile(np.float32([h, w, 0, 0, h, w]), (batch, 1))
+        x[tensors.TIME_IDS] = np.tile(np.float32([h, w, 0, 0, h, w]), (batch, 1))
     return x
 
 
@@ -95,38 +97,38 @@ def component_inputs(pipe, family, role: str, batch: int, seed: int = 0) -> dict
 
 
 def test_get_family_rejects_unknown_names_listing_the_allowed_ones():
-    with pytest.raises(ValueError, match="sd-tiny.*sd21.*sd3.*sdxl"):
+    with pytest.raises(ValueError, match="family must be one of sd21, sdxl, sd3, got 'sd4'"):
         get_family("sd4")
     assert get_family("sdxl") is FAMILIES["sdxl"]
 
 
 def test_public_families_carry_the_checkpoint_conventions():
     sd21, sdxl, sd3 = FAMILIES["sd21"], FAMILIES["sdxl"], FAMILIES["sd3"]
-    assert (sd21.default_size, sd21.prediction_type, sd21.scheduler_class) == (
+    assert (sd21.default_size, sd21.scheduler_config["prediction_type"]) == (
         (768, 768),
         "v_prediction",
-        "DDIMScheduler",
     )
+    assert sd21.scheduler_class == "DDIMScheduler"
     assert (sdxl.default_size, sdxl.scheduler_class, sdxl.zero_empty_negative) == (
         (1024, 1024),
         "EulerDiscreteScheduler",
         True,
     )
-    assert (sd3.latent_channels, sd3.prediction_type, sd3.scheduler_config["shift"]) == (
+    assert (sd3.latent_channels, sd3.scheduler_class, sd3.scheduler_config["shift"]) == (
         16,
-        "flow",
+        "FlowMatchEulerDiscreteScheduler",
         3.0,
     )
-    assert sd3.components[specs.DENOISER].tensor(specs.ENCODER_HIDDEN_STATES).shape[1:] == (
+    assert sd3.components[tensors.DENOISER].tensor(tensors.ENCODER_HIDDEN_STATES).shape[1:] == (
         77 + 256,
         4096,
     )
-    assert sdxl.components[specs.DENOISER].input_names == (
-        specs.SAMPLE,
-        specs.TIMESTEP,
-        specs.ENCODER_HIDDEN_STATES,
-        specs.TEXT_EMBEDS,
-        specs.TIME_IDS,
+    assert sdxl.components[tensors.DENOISER].input_names == (
+        tensors.SAMPLE,
+        tensors.TIMESTEP,
+        tensors.ENCODER_HIDDEN_STATES,
+        tensors.TEXT_EMBEDS,
+        tensors.TIME_IDS,
     )
     for family in FAMILIES.values():
         for size in (family.min_size, family.default_size[0], family.max_size):
@@ -137,15 +139,15 @@ def test_trt_profiles_span_batch_1_to_2k_and_the_resolution_range():
     family = FAMILIES["sdxl"]
     profiles = family.trt_profiles(max_k=K)
     lo, hi = family.min_size // 8, family.max_size // 8
-    assert profiles[specs.DENOISER][specs.SAMPLE] == (
+    assert profiles[tensors.DENOISER][tensors.SAMPLE] == (
         (1, 4, lo, lo),
         (2 * K, 4, 128, 128),
         (2 * K, 4, hi, hi),
     )
-    assert profiles[specs.DENOISER][specs.TIMESTEP] == ((1,), (2 * K,), (2 * K,))
-    assert profiles[specs.TEXT_ENCODER][specs.INPUT_IDS] == ((1, 77), (2, 77), (2, 77))
-    assert profiles[specs.VAE_DECODER][specs.LATENT][2] == (1, 4, hi, hi)
-    assert family.trt_profiles(max_k=K, opt_batch=2)[specs.DENOISER][specs.SAMPLE][1][0] == 2
+    assert profiles[tensors.DENOISER][tensors.TIMESTEP] == ((1,), (2 * K,), (2 * K,))
+    assert profiles[tensors.TEXT_ENCODER][tensors.INPUT_IDS] == ((1, 77), (2, 77), (2, 77))
+    assert profiles[tensors.VAE_DECODER][tensors.LATENT][2] == (1, 4, hi, hi)
+    assert family.trt_profiles(max_k=K, opt_batch=2)[tensors.DENOISER][tensors.SAMPLE][1][0] == 2
 
 
 @pytest.mark.parametrize(
@@ -163,27 +165,31 @@ def test_bad_profile_arguments_raise_value_error_naming_the_field(call, field):
 
 
 def test_dynamic_axes_come_from_the_symbolic_dims():
-    denoiser = FAMILIES["sd3"].components[specs.DENOISER]
+    denoiser = FAMILIES["sd3"].components[tensors.DENOISER]
     axes = denoiser.dynamic_axes()
-    assert axes[specs.SAMPLE] == {0: specs.BATCH, 2: specs.LATENT_HEIGHT, 3: specs.LATENT_WIDTH}
-    assert axes[specs.POOLED_PROJECTIONS] == {0: specs.BATCH}
-    assert FAMILIES["sd3"].components[specs.VAE_DECODER].dynamic_axes()[specs.IMAGE] == {
-        0: specs.BATCH,
-        2: specs.HEIGHT,
-        3: specs.WIDTH,
+    assert axes[tensors.SAMPLE] == {
+        0: tensors.BATCH,
+        2: tensors.LATENT_HEIGHT,
+        3: tensors.LATENT_WIDTH,
+    }
+    assert axes[tensors.POOLED_PROJECTIONS] == {0: tensors.BATCH}
+    assert FAMILIES["sd3"].components[tensors.VAE_DECODER].dynamic_axes()[tensors.IMAGE] == {
+        0: tensors.BATCH,
+        2: tensors.HEIGHT,
+        3: tensors.WIDTH,
     }
 
 
-def test_the_sd_tiny_family_is_the_tiny_sd21_pipeline(tiny_pipes):
-    derived = family_for_pipeline("sd-tiny", tiny_pipes["sd21"])
-    tiny = FAMILIES["sd-tiny"]
-    assert derived.components == tiny.components
-    assert (derived.default_size, derived.min_size, derived.max_size) == (
-        tiny.default_size,
-        tiny.min_size,
-        tiny.max_size,
-    )
-    assert derived.prediction_type == tiny.prediction_type == "v_prediction"
+def test_a_small_checkpoint_gets_its_own_widths_and_a_size_range_scaled_to_it(tiny_pipes):
+    pipe = tiny_pipes["sd21"]
+    derived = family_for_pipeline("sd21", pipe)
+    context = derived.components[tensors.DENOISER].tensor(tensors.ENCODER_HIDDEN_STATES).shape
+    assert context == (tensors.BATCH, 77, pipe.text_encoder.config.hidden_size)
+    # 64 px default, 2 UNet levels: multiples of 8 * 2; the public 256..1024 range scaled by 64/768
+    assert (derived.default_size, derived.size_multiple) == ((64, 64), 16)
+    assert (derived.min_size, derived.max_size) == (16, 80)
+    assert derived.scheduler_config["prediction_type"] == "v_prediction"
+    assert derived.to_dict() == type(derived).from_dict(derived.to_dict()).to_dict()
 
 
 def test_the_tiny_tokenizer_encodes_any_text_without_unknown_tokens(tiny_pipes):
@@ -228,7 +234,7 @@ def test_onnx_runtime_matches_torch_for_every_component(exported, batch):
 def test_spatial_axes_stay_dynamic_up_to_the_largest_size(exported):
     pipe, family, paths = exported
     size = family.max_size
-    for role in (specs.DENOISER, specs.VAE_DECODER):
+    for role in (tensors.DENOISER, tensors.VAE_DECODER):
         spec = family.components[role]
         x = spec.sample_inputs(1, size, size, seed=3)
         with torch.no_grad():
@@ -244,31 +250,31 @@ def test_spec_conditions_from_onnx_encoders_match_diffusers_encode_prompt(export
     h, w = family.default_size
     text = {}
     for role in family.text_roles:
-        tokenizer = pipe.tokenizer if role == specs.TEXT_ENCODER else pipe.tokenizer_2
+        tokenizer = pipe.tokenizer if role == tensors.TEXT_ENCODER else pipe.tokenizer_2
         ids = tokenize(tokenizer, prompts, family.tokenizer_max_length)
-        out = session(paths[role]).run(None, {specs.INPUT_IDS: ids})
+        out = session(paths[role]).run(None, {tensors.INPUT_IDS: ids})
         text[role] = dict(zip(family.components[role].output_names, out, strict=True))
-    cond = family.denoiser_inputs(text, h, w)
+    cond = denoiser_conditions(family, text, h, w)
 
     with torch.no_grad():
         if family.conditioning == "sd":
-            ref = {specs.ENCODER_HIDDEN_STATES: pipe.encode_prompt(prompts, "cpu", 1, False)[0]}
+            ref = {tensors.ENCODER_HIDDEN_STATES: pipe.encode_prompt(prompts, "cpu", 1, False)[0]}
         elif family.conditioning == "sdxl":
             embeds, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
             time_ids = pipe._get_add_time_ids(
                 (h, w), (0, 0), (h, w), torch.float32, pipe.text_encoder_2.config.projection_dim
             )
             ref = {
-                specs.ENCODER_HIDDEN_STATES: embeds,
-                specs.TEXT_EMBEDS: pooled,
-                specs.TIME_IDS: time_ids.repeat(len(prompts), 1),
+                tensors.ENCODER_HIDDEN_STATES: embeds,
+                tensors.TEXT_EMBEDS: pooled,
+                tensors.TIME_IDS: time_ids.repeat(len(prompts), 1),
             }
         else:
             embeds, _, pooled, _ = pipe.encode_prompt(
                 prompts, prompts, prompts, do_classifier_free_guidance=False
             )
-            ref = {specs.ENCODER_HIDDEN_STATES: embeds, specs.POOLED_PROJECTIONS: pooled}
-    assert set(cond) == set(ref) == set(family.components[specs.DENOISER].input_names[2:])
+            ref = {tensors.ENCODER_HIDDEN_STATES: embeds, tensors.POOLED_PROJECTIONS: pooled}
+    assert set(cond) == set(ref) == set(family.components[tensors.DENOISER].input_names[2:])
     for name, r in ref.items():
         assert cond[name].shape == tuple(r.shape), name
         assert np.abs(cond[name] - r.numpy()).max() <= RTOL * np.abs(r.numpy()).max(), name
@@ -295,29 +301,28 @@ def test_onnx_components_with_the_spec_reproduce_the_diffusers_pipeline(exported
 
     text = {}
     for role in family.text_roles:
-        tokenizer = pipe.tokenizer if role == specs.TEXT_ENCODER else pipe.tokenizer_2
+        tokenizer = pipe.tokenizer if role == tensors.TEXT_ENCODER else pipe.tokenizer_2
         ids = tokenize(tokenizer, ["", prompt], family.tokenizer_max_length)  # (uncond, cond)
-        out = session(paths[role]).run(None, {specs.INPUT_IDS: ids})
+        out = session(paths[role]).run(None, {tensors.INPUT_IDS: ids})
         text[role] = dict(zip(family.components[role].output_names, out, strict=True))
-    cond = family.denoiser_inputs(text, h, w)
-    if family.zero_empty_negative:  # SDXL: no negative prompt -> zero text conditions
-        for name in (specs.ENCODER_HIDDEN_STATES, specs.TEXT_EMBEDS):
-            cond[name][0] = 0
+    cond = denoiser_conditions(family, text, h, w, empty_negative_row=0)  # SDXL zeroes it
 
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
-    denoiser = session(paths[specs.DENOISER])
+    denoiser = session(paths[tensors.DENOISER])
     x = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x])
         if hasattr(scheduler, "scale_model_input"):
             model_in = scheduler.scale_model_input(model_in, t)
-        feed = dict(cond, **{specs.SAMPLE: model_in.numpy(), specs.TIMESTEP: np.full(2, float(t))})
-        feed[specs.TIMESTEP] = feed[specs.TIMESTEP].astype(np.float32)
+        feed = dict(
+            cond, **{tensors.SAMPLE: model_in.numpy(), tensors.TIMESTEP: np.full(2, float(t))}
+        )
+        feed[tensors.TIMESTEP] = feed[tensors.TIMESTEP].astype(np.float32)
         (out,) = denoiser.run(None, feed)
         uncond, text_cond = torch.from_numpy(out).chunk(2)
         x = scheduler.step(uncond + guidance * (text_cond - uncond), t, x).prev_sample
-    (image,) = session(paths[specs.VAE_DECODER]).run(None, {specs.LATENT: x.numpy()})
+    (image,) = session(paths[tensors.VAE_DECODER]).run(None, {tensors.LATENT: x.numpy()})
     assert rel_err(image.transpose(0, 2, 3, 1), ref) <= RTOL
 
 
@@ -328,7 +333,7 @@ def test_existing_files_are_skipped_unless_forced(exported):
     pipe, family, paths = exported
     messages = []
     export_pipeline_to_onnx(
-        pipe, family, paths[specs.DENOISER].parents[1], progress=messages.append
+        pipe, family, paths[tensors.DENOISER].parents[1], progress=messages.append
     )
     assert len(messages) == len(family.components)
     assert all("skipped" in m for m in messages)
@@ -336,22 +341,22 @@ def test_existing_files_are_skipped_unless_forced(exported):
 
 def test_an_existing_file_with_other_inputs_is_exported_again(exported, tmp_path):
     pipe, family, paths = exported
-    stale = tmp_path / specs.TEXT_ENCODER / "model.onnx"
+    stale = tmp_path / tensors.TEXT_ENCODER / "model.onnx"
     stale.parent.mkdir()
-    stale.write_bytes(paths[specs.VAE_DECODER].read_bytes())
+    stale.write_bytes(paths[tensors.VAE_DECODER].read_bytes())
     only_text = dataclasses.replace(
-        family, components={specs.TEXT_ENCODER: family.components[specs.TEXT_ENCODER]}
+        family, components={tensors.TEXT_ENCODER: family.components[tensors.TEXT_ENCODER]}
     )
     messages = []
     export_pipeline_to_onnx(pipe, only_text, tmp_path, progress=messages.append)
     assert "re-exporting" in messages[0]
-    assert list(graph_io(onnx.load(str(stale)))["inputs"]) == [specs.INPUT_IDS]
+    assert list(graph_io(onnx.load(str(stale)))["inputs"]) == [tensors.INPUT_IDS]
 
 
 def test_large_models_keep_their_weights_in_one_external_file(tiny_pipes, tmp_path):
     pipe = tiny_pipes["sd3"]
     family = family_for_pipeline("sd3", pipe)
-    spec = family.components[specs.VAE_DECODER]
+    spec = family.components[tensors.VAE_DECODER]
     path = export_component(
         pipe, spec, tmp_path / "model.onnx", trace_size=(32, 32), external_data_threshold=0
     )
@@ -359,12 +364,12 @@ def test_large_models_keep_their_weights_in_one_external_file(tiny_pipes, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([DATA_FILE, "model.onnx"])
     x = spec.sample_inputs(1, *family.default_size)
     with torch.no_grad():
-        ref = wrap_component(pipe, spec)(torch.from_numpy(x[specs.LATENT]))
+        ref = wrap_component(pipe, spec)(torch.from_numpy(x[tensors.LATENT]))
     assert rel_err(session(path).run(None, x)[0], ref.numpy()) <= RTOL
 
 
 def test_a_spec_that_does_not_fit_the_pipeline_fails_naming_the_component(exported, tmp_path):
     pipe, family, _ = exported
-    public = FAMILIES[family.name if family.name != "sd-tiny" else "sd21"]  # full-size widths
-    with pytest.raises(ExportError, match=specs.TEXT_ENCODER):
+    public = FAMILIES[family.name]  # full-size widths
+    with pytest.raises(ExportError, match=tensors.TEXT_ENCODER):
         export_pipeline_to_onnx(pipe, public, tmp_path, progress=None, trace_size=(512, 512))

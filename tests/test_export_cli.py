@@ -4,7 +4,6 @@ that a real Triton server serves; re-running skips, ``--force`` rebuilds, failur
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import re
 import shutil
@@ -12,21 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from driffusion.export import cli
+from driffusion.cli import build_parser, main
 
 ROLES = ("text_encoder", "denoiser", "vae_decoder")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="driffusion")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli.register(sub)
-    return parser
+def make_parser():
+    return build_parser()
 
 
 def export(*argv: str) -> int:
-    args = make_parser().parse_args(["export", *argv])
-    return args.func(args)
+    return main(["export", *argv])
 
 
 def error_line(stderr: str) -> str:
@@ -59,27 +54,24 @@ def test_parser_reads_every_flag(tmp_path):
             "4",
             "--orchestrator-instances",
             "8",
-            "--opset",
-            "19",
+            "--precision",
+            "fp32",
             "--force",
-            "--work-dir",
-            str(tmp_path / "work"),
             "--timing-cache",
             str(tmp_path / "timing.cache"),
         ]
     )
-    assert args.func is cli.run_export
     assert args.pipeline == "stabilityai/stable-diffusion-2-1"
     assert (args.family, args.engine, args.gpus) == ("sd21", "tensorrt", (0, 1, 2, 3))
-    assert (args.max_k, args.orchestrator_instances, args.opset) == (4, 8, 19)
+    assert (args.max_k, args.orchestrator_instances, args.precision) == (4, 8, "fp32")
     assert args.force and args.out == tmp_path / "repo"
     assert args.timing_cache == tmp_path / "timing.cache"
 
 
 def test_parser_defaults():
     args = make_parser().parse_args(["export", "--pipeline", "p", "--family", "sdxl", "--out", "r"])
-    assert (args.engine, args.gpus, args.max_k, args.force) == ("onnx", None, 4, False)
-    assert (args.work_dir, args.timing_cache) == (None, None)
+    assert (args.engine, args.gpus, args.max_k, args.force) == ("onnx", (), 4, False)
+    assert (args.precision, args.timing_cache) == (None, None)
 
 
 @pytest.mark.parametrize("gpus", ["0,0", "a,b", "-1", ""])
@@ -116,8 +108,8 @@ def exported(tiny_pipeline_dir, tmp_path_factory):
         str(out),
         "--engine",
         "onnx",
-        "--gpus",
-        "0,1",
+        "--denoiser-instances",
+        "2",
         "--max-k",
         "4",
         "--orchestrator-instances",
@@ -133,7 +125,7 @@ def test_exported_repository_serves_a_request(exported, start_triton_server):
 
     repository, _ = exported
     denoiser = parse_config((repository / "denoiser" / "config.pbtxt").read_text())
-    assert [g.count for g in denoiser.instance_group] == [2]  # --gpus 0,1 -> 2 CPU instances
+    assert [g.count for g in denoiser.instance_group] == [2]
     server = start_triton_server(repository)
     with DriffusionClient(server.grpc_url) as client:
         result = client.generate("a photo of a cat", steps=6, k=4, seed=3, timeout_s=120)
@@ -148,7 +140,7 @@ def test_rerunning_skips_what_is_built(exported, capsys):
     assert export("--pipeline", str(pipeline), "--family", "sd21", "--out", str(repository)) == 0
     output = capsys.readouterr().out
     assert onnx_stamps(repository) == before
-    assert all(f"{role}: reusing" in output for role in ROLES)
+    assert all(f"{role}: reusing the ONNX export" in output for role in ROLES)
 
 
 def test_force_rebuilds(exported, capsys):
@@ -173,7 +165,7 @@ def test_a_broken_pipeline_folder_fails_naming_the_folder(tiny_pipeline_dir, tmp
     out = tmp_path / "repo"
     assert export("--pipeline", str(broken), "--family", "sd21", "--out", str(out)) == 1
     err = error_line(capsys.readouterr().err)
-    assert err.startswith("driffusion export: building the ONNX repository")
+    assert err.startswith("driffusion export: RepositoryBuildError: loading pipeline")
     assert str(broken / "unet") in err  # the component folder whose weights are missing
 
 
@@ -193,7 +185,7 @@ def test_tensorrt_without_tensorrt_fails_before_exporting(tiny_pipeline_dir, tmp
     assert export(*argv, "--engine", "tensorrt", "--gpus", "0,1,2,3") == 1
     err = error_line(capsys.readouterr().err)
     assert "TensorRT Python API is not installed" in err and "pip install tensorrt" in err
-    assert not out.exists() and not out.with_name("repo.work").exists()
+    assert not out.exists()
 
 
 # --- the commands docker-compose.yml and docs/DEPLOY.md give parse with the real parsers ----------
@@ -228,8 +220,6 @@ def test_the_compose_engine_build_command_parses(tmp_path):
 
 
 def test_the_deploy_guide_commands_parse():
-    from driffusion.cli import build_parser
-
     commands = shell_commands((ROOT / "docs" / "DEPLOY.md").read_text())
     rebuild = [c for c in commands if c[:4] == ["docker", "compose", "run", "--rm"]]
     assert rebuild, "the guide shows how to force a rebuild"

@@ -106,5 +106,5 @@ def test_a_crashed_denoiser_instance_fails_over_and_the_server_serves_on(server,
     for seed in range(3):  # every round has a shard for each instance, one of them dead
         out = client.generate("after", steps=8, k=4, seed=seed, fanout="instances")
         assert out.image.shape == (64, 64, 3) and out.rounds == 3
-    assert "is not healthy; retrying on another instance" in server.log_path.read_text()
+    assert "is not healthy; retrying elsewhere" in server.log_path.read_text()
     assert metric_sum(server.metrics(), RETRIES, model="denoiser") >= 3

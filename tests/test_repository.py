@@ -26,7 +26,9 @@ def test_the_repository_holds_every_model_with_a_config_triton_parses(tiny_repos
         assert config.name == name and config.backend == "python"
         assert (tiny_repository / name / "1" / "model.py").exists()
     denoiser = parse_config((tiny_repository / "denoiser" / "config.pbtxt").read_text())
-    assert denoiser.instance_group[0].count == RepositorySettings().denoiser_instances
+    assert denoiser.instance_group[0].count == RepositorySettings().instances
+    for name in names:  # written out, not left to the server's auto-complete
+        assert "max_batch_size: 0" in (tiny_repository / name / "config.pbtxt").read_text()
 
 
 def test_a_different_pipeline_is_re_exported_not_reused(tiny_pipeline_dir, tmp_path):
@@ -44,22 +46,44 @@ def test_serve_reuses_its_repository_unless_another_driffusion_version_wrote_it(
 ):
     import json
 
-    from driffusion.cli import build_parser
     from driffusion.model_repository.serve import prepare_repository
 
     out = tmp_path / "repo"
-    args = build_parser().parse_args(
-        ["serve", "--pipeline", str(tiny_pipeline_dir), "--repository", str(out)]
-    )
+    settings = RepositorySettings()
     said: list[str] = []
-    prepare_repository(args, progress=said.append)
-    prepare_repository(args, progress=said.append)
+    prepare_repository(out, settings, tiny_pipeline_dir, progress=said.append)
+    prepare_repository(out, settings, tiny_pipeline_dir, progress=said.append)
     assert any("[serve] reusing" in line for line in said)
 
     manifest = read_manifest(out)
     (out / "repository.json").write_text(json.dumps({**manifest, "code": "older version"}))
     said.clear()
-    prepare_repository(args, progress=said.append)
+    prepare_repository(out, settings, tiny_pipeline_dir, progress=said.append)
     assert not any("[serve] reusing" in line for line in said)  # rewritten ...
-    assert any("denoiser: reusing" in line for line in said)  # ... keeping its ONNX files
+    assert any("denoiser: reusing the ONNX export" in line for line in said)  # ... not exported
     assert read_manifest(out)["code"] == manifest["code"]
+
+
+def test_repositories_that_differ_only_in_settings_share_their_exports(tiny_pipeline_dir, tmp_path):
+    said: list[str] = []
+    build_repository(tiny_pipeline_dir, tmp_path / "a", RepositorySettings(), progress=said.append)
+    said.clear()
+    other = RepositorySettings(denoiser_instances=2, max_k=4, emulated_latency_ms=10)
+    build_repository(tiny_pipeline_dir, tmp_path / "b", other, progress=said.append)
+    assert not any("exporting" in line for line in said)
+    for role in ("text_encoder", "denoiser", "vae_decoder"):
+        a, b = (tmp_path / r / role / "1" / "model.onnx" for r in ("a", "b"))
+        assert a.stat().st_ino == b.stat().st_ino or digest(a) == digest(b)
+
+
+def test_an_existing_repository_given_without_a_pipeline_is_served_as_built(
+    tiny_repository, tmp_path
+):
+    from driffusion.model_repository.serve import prepare_repository
+
+    said: list[str] = []
+    served = prepare_repository(tiny_repository, RepositorySettings(max_k=2), progress=said.append)
+    assert served == tiny_repository
+    assert said == [
+        f"[serve] serving {tiny_repository} as built from {read_manifest(served)['pipeline']}"
+    ]

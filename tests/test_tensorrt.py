@@ -20,17 +20,18 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from driffusion import specs
+from driffusion import tensors
 from driffusion.export import tensorrt as trt_build
 from driffusion.export.tensorrt import GpuInfo
-from driffusion.model_repository.build_tensorrt import (
+from driffusion.families import get_family
+from driffusion.model_repository.build import (
     ENGINE_FILE,
-    TensorRTSettings,
-    build_tensorrt_repository,
+    RepositorySettings,
+    build_repository,
     component_configs,
 )
 from driffusion.model_repository.config import parse_config
-from driffusion.specs import DENOISER, get_family
+from driffusion.tensors import DENOISER
 
 MAX_K = 4
 GPUS = (0, 1, 2, 3)
@@ -47,7 +48,7 @@ def test_denoiser_profile_spans_batch_one_to_two_k_with_opt_at_two_k(name):
     assert set(denoiser) == set(family.components[DENOISER].input_names)
     for shapes in denoiser.values():
         assert [shape[0] for shape in shapes] == [1, 2 * MAX_K, 2 * MAX_K]  # min, opt, max batch
-    lo, opt, hi = denoiser[specs.SAMPLE]
+    lo, opt, hi = denoiser[tensors.SAMPLE]
     s = family.vae_scale_factor
     assert lo[2:] == (family.min_size // s,) * 2
     assert opt[2:] == tuple(d // s for d in family.default_size)
@@ -55,7 +56,7 @@ def test_denoiser_profile_spans_batch_one_to_two_k_with_opt_at_two_k(name):
     for role in family.text_roles:  # prompt and negative prompt
         for shapes in profiles[role].values():
             assert [shape[0] for shape in shapes] == [1, 2, 2]
-    for shapes in profiles[specs.VAE_DECODER].values():  # one final latent
+    for shapes in profiles[tensors.VAE_DECODER].values():  # one final latent
         assert [shape[0] for shape in shapes] == [1, 1, 1]
     for role, spec in family.components.items():
         trt_build.check_profile(spec, profiles[role])
@@ -65,10 +66,10 @@ def test_check_profile_names_the_component_and_the_problem():
     spec = get_family("sd21").components[DENOISER]
     good = get_family("sd21").trt_profiles(MAX_K)[DENOISER]
     with pytest.raises(ValueError, match=r"denoiser: profile inputs"):
-        trt_build.check_profile(spec, {k: v for k, v in good.items() if k != specs.TIMESTEP})
-    lo, opt, hi = good[specs.TIMESTEP]
+        trt_build.check_profile(spec, {k: v for k, v in good.items() if k != tensors.TIMESTEP})
+    lo, opt, hi = good[tensors.TIMESTEP]
     with pytest.raises(ValueError, match=r"denoiser/timestep: profile needs min <= opt <= max"):
-        trt_build.check_profile(spec, {**good, specs.TIMESTEP: (hi, opt, lo)})
+        trt_build.check_profile(spec, {**good, tensors.TIMESTEP: (hi, opt, lo)})
 
 
 # --- configs -----------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def test_check_profile_names_the_component_and_the_problem():
 @pytest.mark.parametrize("name", ["sd21", "sdxl", "sd3"])
 def test_tensorrt_configs_for_four_gpus_parse_with_tritons_protobuf(name):
     family = get_family(name)
-    configs = component_configs(family, GPUS)
+    configs = component_configs(family, RepositorySettings(name, engine="tensorrt", gpus=GPUS))
     assert set(configs) == set(family.components)
     for role, text in configs.items():
         config = parse_config(text)  # text_format.Parse into model_config_pb2.ModelConfig
@@ -93,7 +94,7 @@ def test_tensorrt_configs_for_four_gpus_parse_with_tritons_protobuf(name):
         groups = [(g.kind, g.count, list(g.gpus)) for g in config.instance_group]
         gpu = mc.ModelInstanceGroup.KIND_GPU
         if role == DENOISER:  # one instance on each GPU
-            assert groups == [(gpu, 1, [0]), (gpu, 1, [1]), (gpu, 1, [2]), (gpu, 1, [3])]
+            assert groups == [(gpu, 1, list(GPUS))]
         else:  # text encoders and VAE on the first GPU
             assert groups == [(gpu, 1, [0])]
 
@@ -119,9 +120,16 @@ class StandInBuilder:
 def tensorrt_repository(tiny_pipeline_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("trt")
     builder = StandInBuilder()
-    settings = TensorRTSettings(family="sd21", gpus=GPUS, max_k=MAX_K, orchestrator_instances=2)
-    out = build_tensorrt_repository(
-        tiny_pipeline_dir, root / "repo", settings, progress=None, engine_builder=builder
+    settings = RepositorySettings(
+        "sd21", engine="tensorrt", gpus=GPUS, max_k=MAX_K, orchestrator_instances=2
+    )
+    out = build_repository(
+        tiny_pipeline_dir,
+        root / "repo",
+        settings,
+        cache=root / "cache",
+        progress=None,
+        engine_builder=builder,
     )
     return out, builder, settings
 
@@ -135,20 +143,22 @@ def test_repository_has_an_engine_and_a_tensorrt_config_per_component(tensorrt_r
         config = parse_config((out / role / "config.pbtxt").read_text())
         assert config.platform == "tensorrt_plan"
     denoiser = parse_config((out / DENOISER / "config.pbtxt").read_text())
-    assert [list(g.gpus) for g in denoiser.instance_group] == [[0], [1], [2], [3]]
+    assert [list(g.gpus) for g in denoiser.instance_group] == [list(GPUS)]
     manifest = json.loads((out / "repository.json").read_text())
-    assert manifest["engine"] == "tensorrt" and manifest["settings"]["gpus"] == list(GPUS)
+    assert manifest["settings"]["engine"] == "tensorrt"
+    assert manifest["settings"]["gpus"] == list(GPUS)
+    assert manifest["engines"] == {role: {"role": role} for role in roles}
 
 
 def test_engines_are_built_from_onnx_outside_the_repository_with_the_spec_profiles(
     tensorrt_repository,
 ):
     out, builder, _ = tensorrt_repository
-    work = out.with_name(f"{out.name}.work")
+    cache = out.parent / "cache"
     for call in builder.calls:
-        assert call.onnx == work / "onnx" / call.spec.role / "model.onnx"
-        assert call.onnx.exists()
-        assert call.timing_cache == work / "timing.cache"
+        assert call.onnx.parent.parent == cache / "onnx"
+        assert call.onnx.parent.name.startswith(call.spec.role) and call.onnx.exists()
+        assert call.timing_cache == cache / "tensorrt" / "timing.cache"
         assert call.force is False
     denoiser = next(c for c in builder.calls if c.spec.role == DENOISER)
     batches = {name: [s[0] for s in shapes] for name, shapes in denoiser.profile.items()}
@@ -174,17 +184,22 @@ def test_rebuild_reuses_the_onnx_exports(tensorrt_repository, tiny_pipeline_dir)
     onnx = {c.spec.role: c.onnx.stat().st_mtime_ns for c in first.calls}
     messages = []
     again = StandInBuilder()
-    build_tensorrt_repository(
-        tiny_pipeline_dir, out, settings, progress=messages.append, engine_builder=again
+    build_repository(
+        tiny_pipeline_dir,
+        out,
+        settings,
+        cache=out.parent / "cache",
+        progress=messages.append,
+        engine_builder=again,
     )
     assert {c.spec.role: c.onnx.stat().st_mtime_ns for c in again.calls} == onnx
-    assert sum("skipped" in m for m in messages) == len(onnx)
+    assert sum("reusing the ONNX export" in m for m in messages) == len(onnx)
 
 
 def test_tensorrt_settings_reject_bad_gpu_lists():
     for gpus in ((), (0, 0), (-1,)):
         with pytest.raises(ValueError, match="gpus"):
-            TensorRTSettings(gpus=gpus)
+            RepositorySettings(engine="tensorrt", gpus=gpus)
 
 
 # --- GPU checks and engine records (pure) --------------------------------------------------------
@@ -292,31 +307,27 @@ def test_tensorrt_fp16_engines_match_onnx_runtime(tiny_pipeline_dir, tmp_path):
         pytest.skip(reason)
     import onnxruntime as ort
 
-    out = build_tensorrt_repository(
-        tiny_pipeline_dir, tmp_path / "repo", TensorRTSettings(max_k=MAX_K), progress=print
-    )
-    work = out.with_name(f"{out.name}.work")
-    assert (work / "timing.cache").stat().st_size > 0
+    settings = RepositorySettings(engine="tensorrt", gpus=(0,), max_k=MAX_K)
+    cache = tmp_path / "cache"
+    out = build_repository(tiny_pipeline_dir, tmp_path / "repo", settings, cache=cache)
+    assert (cache / "tensorrt" / "timing.cache").stat().st_size > 0
+    from driffusion.export.introspect import family_for_pipeline
     from driffusion.export.pipelines import load_pipeline
-    from driffusion.specs import family_for_pipeline
 
     family = family_for_pipeline("sd21", load_pipeline(tiny_pipeline_dir))
     height, width = family.default_size
     for role, spec in family.components.items():
         batch = spec.max_batch(MAX_K)
         inputs = spec.sample_inputs(batch, height, width, seed=1)
-        session = ort.InferenceSession(
-            str(work / "onnx" / role / "model.onnx"), providers=["CPUExecutionProvider"]
-        )
+        (onnx,) = (cache / "onnx").glob(f"{role}-*/model.onnx")
+        session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
         ref = dict(zip(spec.output_names, session.run(None, inputs), strict=True))
         got = _run_engine(out / role / "1" / ENGINE_FILE, inputs, spec.output_names)
         for name in spec.output_names:
             err = np.abs(got[name] - ref[name]).max() / np.abs(ref[name]).max()
             assert err <= 1e-2, f"{role}/{name}: relative error {err:.2e}"
     messages = []
-    build_tensorrt_repository(
-        tiny_pipeline_dir, out, TensorRTSettings(max_k=MAX_K), progress=messages.append
-    )
+    build_repository(tiny_pipeline_dir, out, settings, cache=cache, progress=messages.append)
     assert sum("is up to date, skipped" in m for m in messages) == len(family.components)
 
 

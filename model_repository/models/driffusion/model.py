@@ -1,42 +1,37 @@
 """The ``driffusion`` BLS model: moves tensors between Triton and ``driffusion.service``.
 
 All logic (validation, tokenization, DRiffusion rounds, guidance) is in the plain module
-``driffusion.service``; this file only adapts requests, responses and model calls.
-A bad request gets INVALID_ARG with the field and the allowed range; a cancelled one CANCELLED;
-a failing model call INTERNAL naming the model. The model itself never goes down.
+``driffusion.service``; this file only adapts requests, responses and model calls:
 
-Besides Triton's own metrics it exports counters of its own on the Prometheus endpoint
-(``/metrics``, port 8002 by default), summed over the orchestrator instances:
-
-- ``driffusion_requests_total{mode, outcome}``: outcome ``success``, ``invalid_argument``,
-  ``cancelled`` or ``failed`` (mode ``unknown`` where the request did not parse);
-- ``driffusion_steps_total{mode}``, ``driffusion_rounds_total{mode}`` and
-  ``driffusion_evaluations_total{mode}`` of successful requests: the ideal speedup over a window
-  is ``rate(steps) / rate(rounds)``, the extra device work ``rate(evaluations) / rate(steps)``;
-- ``driffusion_request_duration_seconds{mode}`` (histogram) of successful requests;
-- ``driffusion_model_call_retries_total{model}``: calls retried on another instance (a crashed or
-  hung denoiser instance).
+- a bad request gets INVALID_ARG with the field and the allowed range, a cancelled one CANCELLED,
+  one past its deadline DEADLINE_EXCEEDED (Triton 2.51 has no such code: UNAVAILABLE with a
+  message that says so), a failing model call INTERNAL naming the model; the model keeps serving;
+- every model call asks Triton for its outputs in host memory (``preferred_memory``): a TensorRT
+  or torch engine on a GPU produces device memory, on which ``as_numpy()`` raises; a tensor that
+  still arrives on a device is taken through DLPack;
+- model calls run on an executor of this instance's own, sized for the widest round plus
+  headroom for hung calls (the stub's ``async_exec`` uses asyncio's default pool of
+  ``min(32, CPUs + 4)`` threads, which capped a round at 6 calls in flight on 2 cores);
+- driffusion's Prometheus metrics (``driffusion.metrics``) are registered at start, at zero.
 """
 
 import asyncio
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from driffusion import api
-from driffusion.service import ModelCallError, Orchestrator, RequestCancelled
-
-DURATION_BUCKETS_S = [0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
-FAMILIES = {  # key: (Prometheus name, description, kind)
-    "requests": ("driffusion_requests_total", "Requests by mode and outcome", "COUNTER"),
-    "steps": ("driffusion_steps_total", "Sampling steps (sequential rounds)", "COUNTER"),
-    "rounds": ("driffusion_rounds_total", "Serial denoiser rounds", "COUNTER"),
-    "evaluations": ("driffusion_evaluations_total", "States evaluated", "COUNTER"),
-    "duration": ("driffusion_request_duration_seconds", "Orchestrator time", "HISTOGRAM"),
-    "retries": ("driffusion_model_call_retries_total", "Calls retried elsewhere", "COUNTER"),
-}
+from driffusion import api, metrics
+from driffusion.service import (
+    DeadlineExceeded,
+    ModelCallError,
+    Orchestrator,
+    RequestCancelled,
+    executor_threads,
+)
 
 
 class Metrics:
@@ -44,31 +39,52 @@ class Metrics:
 
     def __init__(self):
         family = pb_utils.MetricFamily
-        self.families = {
-            key: family(name, text, getattr(family, kind))
-            for key, (name, text, kind) in FAMILIES.items()
+        self._families = {
+            m.name: family(m.name, m.help, getattr(family, m.kind)) for m in metrics.METRICS
         }
-        self._metrics = {}
+        self._series = {}
+        for mode in api.MODES:  # every series exists from the start, at zero
+            for outcome in metrics.OUTCOMES:
+                self._metric(metrics.REQUESTS, mode=mode, outcome=outcome)
+            for spec in (metrics.STEPS, metrics.ROUNDS, metrics.EVALUATIONS, metrics.DURATION):
+                self._metric(spec, mode=mode)
+        self._metric(metrics.REQUESTS, mode="unknown", outcome="invalid_argument")
 
-    def _metric(self, name: str, **labels):
-        key = (name, *sorted(labels.items()))
-        if key not in self._metrics:
-            extra = {"buckets": DURATION_BUCKETS_S} if name == "duration" else {}
-            self._metrics[key] = self.families[name].Metric(labels=labels, **extra)
-        return self._metrics[key]
+    def _metric(self, spec, **labels):
+        key = (spec.name, *sorted(labels.items()))
+        if key not in self._series:
+            extra = (
+                {"buckets": list(metrics.DURATION_BUCKETS_S)} if spec.kind == "HISTOGRAM" else {}
+            )
+            self._series[key] = self._families[spec.name].Metric(labels=labels, **extra)
+        return self._series[key]
 
     def request(self, mode: str, outcome: str) -> None:
-        self._metric("requests", mode=mode, outcome=outcome).increment(1)
+        self._metric(metrics.REQUESTS, mode=mode, outcome=outcome).increment(1)
 
     def success(self, req, out, seconds: float) -> None:
         self.request(req.mode, "success")
-        self._metric("steps", mode=req.mode).increment(req.steps)
-        self._metric("rounds", mode=req.mode).increment(out.rounds)
-        self._metric("evaluations", mode=req.mode).increment(out.evaluations)
-        self._metric("duration", mode=req.mode).observe(seconds)
+        self._metric(metrics.STEPS, mode=req.mode).increment(req.steps)
+        self._metric(metrics.ROUNDS, mode=req.mode).increment(out.rounds)
+        self._metric(metrics.EVALUATIONS, mode=req.mode).increment(out.evaluations)
+        self._metric(metrics.DURATION, mode=req.mode).observe(seconds)
 
     def retry(self, model: str, reason: str) -> None:
-        self._metric("retries", model=model).increment(1)
+        self._metric(metrics.RETRIES, model=model).increment(1)
+
+
+def host_memory():
+    """Where every BLS response tensor must be put: host memory (CPU 0)."""
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A BLS output as numpy; a tensor left on a device goes through DLPack (torch copies it)."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    import torch
+
+    return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
 
 class TritonPythonModel:
@@ -78,12 +94,15 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         self.metrics = Metrics()
         self.orchestrator.on_retry = self.metrics.retry
+        threads = executor_threads(self.orchestrator.settings)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="driffusion-bls")
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._handle(r) for r in requests)))
 
     async def _handle(self, request):
         error = pb_utils.TritonError
+        received = time.monotonic()
         try:
             values = {}
             for f in api.INPUTS:
@@ -93,12 +112,18 @@ class TritonPythonModel:
         except ValueError as exc:
             self.metrics.request("unknown", "invalid_argument")
             return pb_utils.InferenceResponse(error=error(str(exc), error.INVALID_ARG))
+        deadline = received + self.orchestrator.request_timeout_s(_client_timeout_s(request))
         start = time.perf_counter()
         try:
-            out = await self.orchestrator.generate(req, self._infer, request.is_cancelled)
+            out = await self.orchestrator.generate(
+                req, self._infer, request.is_cancelled, deadline=deadline
+            )
         except RequestCancelled as exc:
             self.metrics.request(req.mode, "cancelled")
             return pb_utils.InferenceResponse(error=error(str(exc), error.CANCELLED))
+        except DeadlineExceeded as exc:
+            self.metrics.request(req.mode, "deadline_exceeded")
+            return pb_utils.InferenceResponse(error=error(str(exc), error.UNAVAILABLE))
         except Exception as exc:  # one request fails; the model keeps serving
             self.metrics.request(req.mode, "failed")
             self.logger.log_error(f"driffusion request failed: {traceback.format_exc()}")
@@ -112,14 +137,32 @@ class TritonPythonModel:
             model_name=model,
             inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
             requested_output_names=list(outputs),
+            preferred_memory=host_memory(),
         )
-        response = await request.async_exec()
+        loop = asyncio.get_running_loop()
+        response = await loop.run_in_executor(self.pool, request.exec)
         if response.has_error():
             message = response.error().message()
-            # a crashed stub stays down in Triton 2.51: retry the call on another instance
-            unhealthy = "is not healthy" in message
-            if unhealthy:
-                reason = message.rstrip(".")
-                self.logger.log_error(f"{model}: {reason}; retrying on another instance")
-            raise ModelCallError(f"model {model} failed: {message}", retryable=unhealthy)
-        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
+            # An instance failed (a dead stub, a CUDA error, a hung call the callee gave up on):
+            # another instance may succeed. Bad inputs are ours and would fail anywhere.
+            retryable = _error_code(response.error()) != pb_utils.TritonError.INVALID_ARG
+            if retryable:
+                self.logger.log_error(f"{model}: {message.rstrip('.')}; retrying elsewhere")
+            raise ModelCallError(f"model {model} failed: {message}", retryable=retryable)
+        return {n: to_numpy(pb_utils.get_output_tensor_by_name(response, n)) for n in outputs}
+
+    def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _client_timeout_s(request):
+    """The request's own timeout in seconds (KServe ``timeout`` parameter, gRPC deadline), or
+    None where the client gave none or this Triton does not pass it on."""
+    timeout = getattr(request, "timeout", None)
+    micros = timeout() if callable(timeout) else 0
+    return micros / 1e6 if micros else None
+
+
+def _error_code(error):
+    code = getattr(error, "code", None)
+    return code() if callable(code) else None

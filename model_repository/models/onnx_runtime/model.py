@@ -12,6 +12,10 @@ Optional ``parameters`` in ``config.pbtxt`` (string values, as Triton requires):
 - ``emulated_latency_per_item_ms`` (float, default 0): extra padding per batch row, the rows being
   the first input's dim 0 summed over the requests of the call. Total padding:
   ``emulated_latency_ms + emulated_latency_per_item_ms * rows``.
+- ``input_shapes``, ``dim_bounds`` (JSON, optional): the shapes a request may have (the spec's
+  shapes, and the range of each named dim: the largest batch a valid ``driffusion`` request makes,
+  the served sizes). Anything else is refused with INVALID_ARG before ONNX Runtime allocates for
+  it: a model that any client can call must not take a 1024x1024 latent into a 16x16 model.
 - ``emulated_compute_delay_ms`` (float, default 0; only while emulating): the model's own CPU
   work starts this long into the padded call. A GPU does that work on the device, leaving the
   host's cores to dispatch the round's other requests; on a CPU box the tiny model's real math
@@ -31,6 +35,8 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from driffusion.tensors import check_shapes
 
 # numpy dtype name -> ONNX Runtime type name, where they differ.
 _ORT_TYPE_NAMES = {"float32": "float", "float64": "double", "object": "string"}
@@ -71,6 +77,9 @@ class TritonPythonModel:
         self.outputs = _tensor_specs(config["output"])
         _check_against_graph("input", self.inputs, self.session.get_inputs())
         _check_against_graph("output", self.outputs, self.session.get_outputs())
+        shapes = json.loads(params.get("input_shapes", "null"))
+        self.declared = None if shapes is None else {k: tuple(v) for k, v in shapes.items()}
+        self.bounds = {k: tuple(v) for k, v in json.loads(params.get("dim_bounds", "{}")).items()}
 
     def execute(self, requests):
         start = time.perf_counter()
@@ -79,12 +88,19 @@ class TritonPythonModel:
         responses, rows = [], 0
         for request in requests:
             try:
-                feeds = {}
-                for name, dtype in self.inputs:
+                tensors = {}
+                for name, _ in self.inputs:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     if tensor is None:
                         raise ValueError(f"missing input '{name}'")
-                    feeds[name] = tensor.as_numpy().astype(dtype, copy=False)
+                    tensors[name] = tensor
+                if self.declared is not None:
+                    shapes = {n: tuple(t.shape()) for n, t in tensors.items()}
+                    check_shapes(self.declared, self.bounds, shapes)
+                feeds = {
+                    name: tensors[name].as_numpy().astype(dtype, copy=False)
+                    for name, dtype in self.inputs
+                }
                 results = self.session.run([name for name, _ in self.outputs], feeds)
                 first = feeds[self.inputs[0][0]]
                 rows += first.shape[0] if first.ndim else 1
