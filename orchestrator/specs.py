@@ -3,7 +3,9 @@
 ONNX export, the TensorRT engine build, ``config.pbtxt``, the BLS orchestrator and the client all
 read tensor names, dtypes, shapes and batch ranges from here; no tensor name is typed elsewhere.
 
-Components (``ModelSpec.role``) and their tensors, fp32 in ONNX (TensorRT builds at ``precision``):
+Components (``ModelSpec.role``) and their tensors, as the fp32 view of a family lists them
+(``at_precision(family, "fp16")`` gives the view served by fp16 engines: float16 at the boundary
+except ``timestep`` and ``time_ids``):
 
     text_encoder(_2)  input_ids int64 (batch, seq)
                       -> hidden_states (batch, seq, D)  the states the pipeline feeds the denoiser
@@ -29,7 +31,7 @@ This module needs only numpy, so the client and the Triton python stubs can impo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -107,7 +109,10 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]  # in the order the ONNX graph takes them
     outputs: tuple[TensorSpec, ...]
     batch: str  # BATCH_CFG_DRAFTS | BATCH_CFG | BATCH_SINGLE
-    precision: str  # TensorRT build precision: "fp16" | "fp32" (ONNX files are always fp32)
+    # Weights of the exported ONNX file and the engine: "fp16" | "fp32". In FAMILIES it is the
+    # precision the component takes when fp16 is asked for ("fp32": never fp16, e.g. SDXL's VAE);
+    # at_precision() gives the served view, whose tensors' dtypes follow it.
+    precision: str
     vae_scale_factor: int = 8  # pixels per latent cell, to size latent dims from image sizes
     # Text encoders only: which hidden states the pipeline uses. "last": the final layer after the
     # final layer norm (SD 1/2); "penultimate": hidden_states[-2], no final norm (SDXL, SD3).
@@ -208,7 +213,7 @@ class FamilySpec:
     scheduler_class: str  # diffusers scheduler class name of the default sampler
     scheduler_config: dict[str, Any]  # its config (as in the checkpoint's scheduler_config.json)
     prediction_type: str  # what the denoiser predicts: "epsilon" | "v_prediction" | "flow"
-    precision: str  # TensorRT build precision of the denoiser: "fp16" | "fp32"
+    precision: str  # precision of the denoiser (per component: ModelSpec.precision)
     guidance_scale: float  # default classifier-free guidance scale
     num_inference_steps: int  # default number of sampling steps
     # SDXL's force_zeros_for_empty_prompt: without a negative prompt, the unconditional text
@@ -709,6 +714,7 @@ __all__ = [
     "DENOISER",
     "ENCODER_HIDDEN_STATES",
     "FAMILIES",
+    "FP32_TENSORS",
     "HEIGHT",
     "HIDDEN_STATES",
     "IMAGE",
@@ -719,6 +725,7 @@ __all__ = [
     "MODEL_OUTPUT",
     "POOLED",
     "POOLED_PROJECTIONS",
+    "PRECISIONS",
     "ROLES",
     "SAMPLE",
     "TEXT_EMBEDS",
@@ -731,12 +738,55 @@ __all__ = [
     "FamilySpec",
     "ModelSpec",
     "TensorSpec",
+    "at_precision",
     "family_for_pipeline",
     "get_family",
     "sd3_family",
     "sd_family",
     "sdxl_family",
 ]
+
+
+# --- precision: the served view of a family ------------------------------------------------
+
+PRECISIONS = ("fp16", "fp32")
+# Inputs that stay float32 at the boundary of an fp16 component: fractional timesteps (Euler,
+# sigma * 1000 for SD3) and image sizes up to 4096 are not exact in float16, and the model turns
+# both into sinusoidal embeddings computed in float32 (as diffusers does in an fp16 pipeline).
+FP32_TENSORS = (TIMESTEP, TIME_IDS)
+
+
+def at_precision(family: FamilySpec, precision: str) -> FamilySpec:
+    """``family`` as exported and served at ``precision`` ("fp16" | "fp32").
+
+    "fp32": every component fp32, every float tensor float32 (the CPU server's view).
+    "fp16": each component whose ``precision`` in ``family`` is "fp16" gets fp16 weights and
+    float16 tensors at its boundary, except ``FP32_TENSORS``; components that are fp32 there
+    (SDXL's VAE, which overflows in fp16) stay fp32 with float32 tensors. The result is what
+    the ONNX export, the engine build, ``config.pbtxt`` and the orchestrator read: the dtype in
+    its TensorSpecs is the dtype sent and received. Apply it to a family as FAMILIES or
+    ``family_for_pipeline`` give it (an fp32 view has forgotten which components may be fp16).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+    def tensor(t: TensorSpec, target: str) -> TensorSpec:
+        if not np.issubdtype(np.dtype(t.dtype), np.floating):
+            return t
+        dtype = "float16" if target == "fp16" and t.name not in FP32_TENSORS else "float32"
+        return replace(t, dtype=dtype)
+
+    def component(spec: ModelSpec) -> ModelSpec:
+        target = "fp16" if precision == "fp16" and spec.precision == "fp16" else "fp32"
+        return replace(
+            spec,
+            precision=target,
+            inputs=tuple(tensor(t, target) for t in spec.inputs),
+            outputs=tuple(tensor(t, target) for t in spec.outputs),
+        )
+
+    components = {role: component(spec) for role, spec in family.components.items()}
+    return replace(family, components=components, precision=components[DENOISER].precision)
 
 
 # --- serialization (the model repository carries the spec it was built from) ----------------
