@@ -1,12 +1,15 @@
 """``driffusion export``: a diffusers pipeline -> a complete Triton model repository.
 
     driffusion export --pipeline HUB_ID_OR_DIR --family sd21|sdxl|sd3 --out MODEL_REPOSITORY
-                      [--engine onnx|tensorrt] [--gpus 0,1,2,3] [--max-k 4] [--force]
+                      [--engine onnx|tensorrt] [--precision fp16|fp32] [--gpus 0,1,2,3]
+                      [--max-k 4] [--force]
 
 ``--engine onnx`` writes the repository the CPU server runs (``model_repository/build.py``);
-``--engine tensorrt`` exports ONNX, builds fp16 TensorRT engines on this machine's GPU and writes
-``tensorrt_plan`` models with one denoiser instance per listed GPU
-(``model_repository/build_tensorrt.py``). Re-running skips what is already built unless
+``--engine tensorrt`` exports ONNX, builds strongly typed TensorRT engines on the first listed GPU
+and writes ``tensorrt_plan`` models with one denoiser instance per listed GPU
+(``model_repository/build_tensorrt.py``). ``--precision`` (default fp16 for tensorrt, fp32 for
+onnx) sets the ONNX weights and the served tensors' dtypes (``specs.at_precision``); SDXL's VAE
+stays fp32 either way. Re-running skips what is already built unless
 ``--force``. A failure prints the step, the component and why, and exits 1.
 
 Heavy modules (torch, diffusers, TensorRT) are imported only when the command runs.
@@ -20,6 +23,8 @@ from pathlib import Path
 
 FAMILIES = ("sd21", "sdxl", "sd3")
 ENGINES = ("onnx", "tensorrt")
+PRECISIONS = ("fp16", "fp32")  # driffusion.specs.PRECISIONS (not imported: it loads numpy)
+DEFAULT_PRECISION = {"onnx": "fp32", "tensorrt": "fp16"}
 
 
 def parse_gpus(text: str) -> tuple[int, ...]:
@@ -68,7 +73,14 @@ def register(sub) -> None:
         "--engine",
         choices=ENGINES,
         default="onnx",
-        help="onnx: ONNX Runtime on the CPU (default); tensorrt: fp16 engines for this GPU model",
+        help="onnx: ONNX Runtime on the CPU (default); tensorrt: engines for this GPU model",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="weights and served tensors: fp16 (float16 at the engine boundary except timesteps; "
+        "SDXL's VAE stays fp32) or fp32 (default: fp16 for tensorrt, fp32 for onnx)",
     )
     p.add_argument(
         "--gpus",
@@ -148,6 +160,7 @@ def _export_onnx(args: argparse.Namespace) -> Path:
         family=args.family,
         orchestrator_instances=args.orchestrator_instances,
         max_k=args.max_k,
+        precision=args.precision or DEFAULT_PRECISION["onnx"],
         **kwargs,
     )
     try:
@@ -172,6 +185,7 @@ def _export_tensorrt(args: argparse.Namespace) -> Path:
         max_k=args.max_k,
         opset=args.opset,
         workspace_gib=args.workspace_gib,
+        precision=args.precision or DEFAULT_PRECISION["tensorrt"],
     )
     return build_tensorrt_repository(
         args.pipeline,

@@ -462,8 +462,8 @@ def matches_spec(path: Path, spec: ModelSpec) -> bool:
 
 
 def weights_precision(model: onnx.ModelProto) -> str:
-    """Return "fp16" or "fp32": the float type holding most of the model's weight bytes (an fp16 model
-    keeps a few small float32 constants, e.g. for its timestep embedding)."""
+    """Return "fp16" or "fp32": the float type holding most of the model's weight bytes (an fp16
+    model keeps a few small float32 constants, e.g. for its timestep embedding)."""
     by_type = {onnx.TensorProto.FLOAT16: 0, onnx.TensorProto.FLOAT: 0}
     for init in model.graph.initializer:
         if init.data_type in by_type:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from driffusion import api
 from driffusion.service import ServiceSettings
-from driffusion.specs import DENOISER, FamilySpec, family_for_pipeline
+from driffusion.specs import DENOISER, PRECISIONS, FamilySpec, at_precision, family_for_pipeline
 
 from .config import component_config, orchestrator_config
 
@@ -45,6 +45,9 @@ class RepositorySettings:
     emulated_latency_ms: float = 0.0  # pad each denoiser call (stands for a GPU on a CPU box)
     emulated_latency_per_item_ms: float = 0.0  # ... plus this per batch row
     emulated_compute_delay_ms: float = 5.0  # ... the CPU model's work starts this far into it
+    # fp32 | fp16 (specs.at_precision): the ONNX files' weights and the served tensors' dtypes.
+    # ONNX Runtime's CPU provider runs most fp16 operators in float32 behind inserted casts.
+    precision: str = "fp32"
     intra_op_threads: int = 1  # ONNX Runtime threads per instance
     model_timeout_s: float = 120.0  # a model call not answered by then fails its request
     default_steps: int | None = None  # None: the family's
@@ -54,6 +57,8 @@ class RepositorySettings:
         for name in ("denoiser_instances", "orchestrator_instances", "max_k", "intra_op_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.model_timeout_s > 0:
             raise ValueError(f"model_timeout_s must be > 0, got {self.model_timeout_s}")
         for name in (
@@ -84,7 +89,7 @@ def build_repository(
     start = time.perf_counter()
     say(f"[repository] loading {pipeline}")
     pipe = load_pipeline(pipeline)
-    family = family_for_pipeline(settings.family, pipe)
+    family = at_precision(family_for_pipeline(settings.family, pipe), settings.precision)
     previous, manifest = read_manifest(out), repository_manifest(pipeline, settings)
     if previous is not None and not force:
         if any(previous.get(key) != manifest[key] for key in ("pipeline", "fingerprint")):

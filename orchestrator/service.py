@@ -200,7 +200,7 @@ class Orchestrator:
         cancelled: Callable[[], bool] = lambda: False,
     ) -> GenerateOutput:
         start = time.perf_counter()
-        infer = self._with_deadline(infer)
+        infer = self._with_deadline(self._in_served_dtypes(infer))
         cfg = req.guidance_scale > 1.0  # as diffusers' do_classifier_free_guidance
         cond = await self._encode_text(req, cfg, infer)
         text_done = time.perf_counter()
@@ -241,6 +241,23 @@ class Orchestrator:
             denoise_ms=(denoise_done - text_done) * 1e3,
             decode_ms=(end - denoise_done) * 1e3,
         )
+
+    def _in_served_dtypes(self, infer: Infer) -> Infer:
+        """``infer`` that sends every input in the dtype the served spec names for it (float16
+        for the tensors of fp16 engines, see ``specs.at_precision``) and returns float outputs as
+        float32: the host's math (guidance, scheduler, jumps) stays float32 whatever the engines
+        run. With the fp32 spec both conversions are no-ops (no copies)."""
+
+        async def call(model, inputs, outputs):
+            spec = self.family.components[model]
+            sent = {n: np.asarray(v, dtype=spec.tensor(n).dtype) for n, v in inputs.items()}
+            got = await infer(model, sent, outputs)
+            return {
+                n: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f" else v
+                for n, v in got.items()
+            }
+
+        return call
 
     def _with_deadline(self, infer: Infer) -> Infer:
         """``infer`` that gives up on a call after ``model_timeout_s`` and retries a denoiser call

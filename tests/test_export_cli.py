@@ -79,6 +79,7 @@ def test_parser_reads_every_flag(tmp_path):
 def test_parser_defaults():
     args = make_parser().parse_args(["export", "--pipeline", "p", "--family", "sdxl", "--out", "r"])
     assert (args.engine, args.gpus, args.max_k, args.force) == ("onnx", None, 4, False)
+    assert args.precision is None  # fp32 for onnx, fp16 for tensorrt (cli.DEFAULT_PRECISION)
     assert (args.work_dir, args.timing_cache) == (None, None)
 
 
@@ -160,6 +161,36 @@ def test_force_rebuilds(exported, capsys):
     after = onnx_stamps(repository)
     assert all(after[role] != before[role] for role in ROLES)
     assert all(f"exporting {role}" in output for role in ROLES)
+
+
+def test_an_fp16_repository_declares_float16_tensors_and_serves_a_request(
+    tiny_pipeline_dir, tmp_path, start_triton_server
+):
+    """--precision fp16 on the CPU server: config.pbtxt says TYPE_FP16 where the spec says
+    float16, and the real server accepts what the orchestrator sends (it refuses a dtype that
+    differs from the config)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from driffusion.client import DriffusionClient
+    from driffusion.model_repository.config import parse_config
+
+    out = tmp_path / "repo"
+    argv = ["--pipeline", str(tiny_pipeline_dir), "--family", "sd21", "--out", str(out)]
+    assert (
+        export(*argv, "--precision", "fp16", "--gpus", "0,1", "--orchestrator-instances", "1") == 0
+    )
+    denoiser = parse_config((out / "denoiser" / "config.pbtxt").read_text())
+    types = {t.name: t.data_type for t in [*denoiser.input, *denoiser.output]}
+    assert types == {
+        "sample": mc.TYPE_FP16,
+        "timestep": mc.TYPE_FP32,
+        "encoder_hidden_states": mc.TYPE_FP16,
+        "model_output": mc.TYPE_FP16,
+    }
+    server = start_triton_server(out)
+    with DriffusionClient(server.grpc_url) as client:
+        result = client.generate("a photo of a cat", steps=4, k=2, seed=3, timeout_s=120)
+    assert result.image.shape == (64, 64, 3) and result.evaluations == 4
 
 
 # --- failures ----------------------------------------------------------------------------------
