@@ -10,6 +10,11 @@
     <work dir>/onnx/<role>/model.onnx[.data]   the ONNX exports the engines are built from
     <work dir>/timing.cache                    TensorRT timing cache (default location)
 
+Engines are built strongly typed from ONNX files at ``settings.precision`` (fp16 by default; SDXL's
+VAE stays fp32), on the first listed GPU, with the TensorRT of the serving Triton (checked); the
+denoiser engine has two optimization profiles (``export.tensorrt.engine_profiles``) and every
+denoiser instance lists both in ``config.pbtxt``.
+
 The work dir defaults to ``<repository>.work`` beside the repository: Triton treats every folder in
 the repository as a model, so intermediate files stay out of it. Every step is skipped when its
 output is up to date (ONNX files with the spec's tensors, engines with the same record) unless
@@ -22,11 +27,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from driffusion.specs import DENOISER, FamilySpec, family_for_pipeline
+from driffusion.specs import (
+    DENOISER,
+    PRECISIONS,
+    FamilySpec,
+    at_precision,
+    family_for_pipeline,
+)
 
 from .build import MANIFEST, ORCHESTRATOR, RepositorySettings, write_orchestrator
 from .config import component_config
@@ -50,6 +61,7 @@ class TensorRTSettings:
     max_k: int = 4  # largest k a request may ask for; the denoiser profile covers batch 1..2*max_k
     opset: int = 18  # ONNX opset of the exports
     workspace_gib: float | None = None  # cap on TensorRT's builder scratch memory (None: its own)
+    precision: str = "fp16"  # fp16 | fp32: ONNX weights and served dtypes (specs.at_precision)
 
     def __post_init__(self) -> None:
         gpus = tuple(self.gpus)
@@ -61,6 +73,8 @@ class TensorRTSettings:
         for name in ("orchestrator_instances", "max_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.opset < 18:
             raise ValueError(f"opset must be >= 18, got {self.opset}")
 
@@ -74,11 +88,20 @@ class TensorRTSettings:
         )
 
 
-def component_configs(family: FamilySpec, gpus: Sequence[int]) -> dict[str, str]:
-    """{role: config.pbtxt text}: the denoiser on every GPU, the other components on gpus[0]."""
+def component_configs(
+    family: FamilySpec, gpus: Sequence[int], profile_counts: Mapping[str, int] | None = None
+) -> dict[str, str]:
+    """{role: config.pbtxt text}: the denoiser on every GPU, the other components on gpus[0];
+    each instance may use all of its engine's optimization profiles (``profile_counts``, default
+    one per role: no ``profile`` field)."""
+    counts = profile_counts or {}
     return {
         role: component_config(
-            role, spec, engine="tensorrt", gpus=list(gpus) if role == DENOISER else [gpus[0]]
+            role,
+            spec,
+            engine="tensorrt",
+            gpus=list(gpus) if role == DENOISER else [gpus[0]],
+            profiles=range(counts[role]) if counts.get(role, 1) > 1 else (),
         )
         for role, spec in family.components.items()
     }
@@ -119,21 +142,28 @@ def build_tensorrt_repository(
         engine_builder = trt_build.build_engine
         version = trt_build.import_tensorrt().__version__
         try:
+            trt_build.check_tensorrt_version(version)
+            server, source = trt_build.server_tensorrt_version()
+            trt_build.check_server_tensorrt(version, server, source)
             gpu = trt_build.check_gpus(settings.gpus, trt_build.query_gpus(), version)
+            trt_build.select_device(settings.gpus[0])  # build on a GPU the engines serve on
         except trt_build.EngineBuildError as exc:
-            raise RepositoryBuildError(f"checking the GPUs failed: {exc}") from exc
+            raise RepositoryBuildError(f"checking TensorRT and the GPUs failed: {exc}") from exc
         where = "nvidia-smi not found, GPUs not checked" if gpu is None else gpu.name
-        say(f"[repository] TensorRT {version}; engines for {where}")
+        say(
+            f"[repository] TensorRT {version} (server's: {server}, {source}); engines for "
+            f"{where}, built on GPU {settings.gpus[0]}"
+        )
 
     say(f"[repository] loading pipeline {pipeline}")
     try:
         pipe = load_pipeline(pipeline)
-        family = family_for_pipeline(settings.family, pipe)
+        family = at_precision(family_for_pipeline(settings.family, pipe), settings.precision)
     except Exception as exc:
         raise RepositoryBuildError(
             f"loading pipeline {pipeline} as {settings.family} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    profiles = family.trt_profiles(settings.max_k)
+    profiles = trt_build.engine_profiles(family, settings.max_k)
 
     try:
         onnx_paths = export_pipeline_to_onnx(
@@ -166,7 +196,8 @@ def build_tensorrt_repository(
         for name in _STALE_CPU_FILES:
             (version_dir / name).unlink(missing_ok=True)
 
-    for role, text in component_configs(family, settings.gpus).items():
+    counts = {role: len(p) for role, p in profiles.items()}
+    for role, text in component_configs(family, settings.gpus, counts).items():
         (out / role / "config.pbtxt").write_text(text)
     write_orchestrator(out / ORCHESTRATOR, pipe, family, settings.repository_settings())
     manifest = {

@@ -31,10 +31,17 @@ _API_TO_TRITON = {
 }
 
 
-def _group(count: int, gpus: Sequence[int] | None) -> mc.ModelInstanceGroup:
+def _group(
+    count: int, gpus: Sequence[int] | None, profiles: Sequence[int] = ()
+) -> mc.ModelInstanceGroup:
     if gpus is None:
         return mc.ModelInstanceGroup(count=count, kind=mc.ModelInstanceGroup.KIND_CPU)
-    return mc.ModelInstanceGroup(count=count, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=list(gpus))
+    return mc.ModelInstanceGroup(
+        count=count,
+        kind=mc.ModelInstanceGroup.KIND_GPU,
+        gpus=list(gpus),
+        profile=[str(i) for i in profiles],  # TensorRT optimization profiles this group may use
+    )
 
 
 def _config(
@@ -69,10 +76,13 @@ def component_config(
     instances: int = 1,
     gpus: Sequence[int] | None = None,
     parameters: Mapping[str, object] | None = None,
+    profiles: Sequence[int] = (),
 ) -> str:
     """A pipeline component: ``engine="onnx"`` is a python-backend model running ONNX Runtime on
     the CPU (``instances`` of it); ``"tensorrt"`` a ``tensorrt_plan`` model with one instance on
-    each of ``gpus``."""
+    each of ``gpus``, each allowed the engine's optimization ``profiles`` (none listed: Triton
+    uses profile 0 only; several: per request, the one whose optimum is nearest its shape).
+    Tensor dtypes are the spec's (float16 where ``specs.at_precision`` says so)."""
     ins = [
         mc.ModelInput(name=t.name, data_type=_NUMPY_TO_TRITON[t.dtype], dims=t.wildcard_shape)
         for t in spec.inputs
@@ -87,7 +97,7 @@ def component_config(
     if engine == "tensorrt":
         if not gpus:
             raise ValueError("gpus must list at least one GPU index for a TensorRT engine")
-        groups = [_group(1, [g]) for g in gpus]  # one instance per GPU
+        groups = [_group(1, [g], profiles) for g in gpus]  # one instance per GPU
         return _config(name, ins, outs, groups, platform="tensorrt_plan", parameters=parameters)
     raise ValueError(f"engine must be onnx or tensorrt, got {engine!r}")
 
