@@ -22,13 +22,14 @@ dependency. Models above 2 GiB of weights keep them in one ``model.onnx.data`` f
 TensorRT build needs (a graph whose operand types disagree does not build).
 
 fp16: the torch module is traced in fp16, as TensorRT's demo/Diffusion exports its fp16 models,
-rather than converting an fp32 ONNX file. Measured on the tiny pipelines (the table in
-``benchmarks/bench_fp16_export.py``): tracing in fp16 took about as long as the fp32 export (0.1 to
-1.2 s per component) and matched torch fp32 within 0.6e-3 to 4e-3 (max |error| / max |ref|) in
-ONNX Runtime on all 11 components of SD2.1, SDXL and SD3; onnxconverter-common 1.16's
-``convert_float_to_float16`` on the fp32 files (keep_io_types) produced graphs with mismatched
-types (Cast, Expand, LayerNormalization) for 10 of the 11, which neither ONNX Runtime nor a
-strongly typed build accepts. nvidia-modelopt's AutoCast (0.47) cannot be installed beside this
+rather than converting an fp32 ONNX file. Measured on the tiny pipelines
+(``benchmarks/bench_fp16_export.py``, BENCHMARKS.md "fp16 export"): tracing in fp16 took as long
+as the fp32 export (0.1 to 1.5 s per component) and matched torch fp32 within 1.2e-3 to 5.0e-3
+(max |error| / max |ref|, computed in the graph's own fp16 types by onnx.reference) on the 10
+fp16 components of SD2.1, SDXL and SD3; onnxconverter-common 1.16's ``convert_float_to_float16``
+on the fp32 files (keep_io_types) gave graphs with mismatched operand types (Cast, Expand,
+LayerNormalization) for 9 of the 11 components, which neither ONNX Runtime nor a strongly typed
+build accepts. nvidia-modelopt's AutoCast (0.47) cannot be installed beside this
 project: its ``[onnx]`` extra needs numpy >= 2 (the pytriton wheel needs numpy < 2), onnx 1.21 and
 onnxruntime-gpu. Tracing in fp16 also keeps the model's own precision decisions, which a
 converter would have to rediscover:

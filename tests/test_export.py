@@ -4,7 +4,7 @@ Tolerances: relative error = max |onnx - torch fp32| / max |torch fp32| over the
 - fp32 exports: <= 1e-4 (seen: about 1e-6).
 - fp16 exports: <= 1e-2. One fp16 rounding is u = 2^-11 = 4.9e-4 relative; the tiny models
   chain 10 to 40 rounded operations between input and output, so errors of a few u are expected
-  (seen: 0.6e-3 to 4e-3, the VAE decoders largest). 1e-2 is about 20 u: it passes fp16
+  (seen: 1.2e-3 to 5e-3, the VAE decoders largest). 1e-2 is about 20 u: it passes fp16
   arithmetic and fails what fp16 breaks (an overflow gives inf/NaN, a lost float32 upcast or a
   wrong cast gives O(1) error). fp16 graphs run in onnx.reference, which computes in the graph's
   own types; ONNX Runtime's CPU provider lacks fp16 kernels for most operators and would run them
