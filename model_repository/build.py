@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from driffusion import api
-from driffusion.families import FAMILY_NAMES, FamilySpec
+from driffusion.families import FAMILY_NAMES, PRECISIONS, FamilySpec, at_precision
 from driffusion.service import ServiceSettings
 from driffusion.tensors import DENOISER, ModelSpec
 
@@ -47,7 +47,6 @@ ORCHESTRATOR = "driffusion"  # the served model's name
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 MANIFEST = "repository.json"
 ENGINES = ("onnx", "tensorrt", "torch")
-PRECISIONS = ("fp16", "fp32")
 ENGINE_FILE = "model.plan"  # the file name Triton's TensorRT backend loads
 RUNNERS = {"onnx": "onnx_runtime", "torch": "torch_runner"}  # python-backend model folders
 Say = Callable[[str], object]
@@ -67,7 +66,10 @@ class RepositorySettings:
     denoiser_instances: int | None = None  # None: one per GPU, or 4 on the CPU
     orchestrator_instances: int = 4  # concurrent requests served without queueing
     max_k: int = 8  # largest k a request may ask for; bounds the denoiser's batch (2 * max_k)
-    precision: str | None = None  # fp16 | fp32; None: fp16 on GPUs, fp32 on the CPU
+    # fp16 | fp32 (families.at_precision): weights and the served tensors' dtypes; None: fp16 for
+    # tensorrt and for torch on GPUs, else fp32. ONNX Runtime's CPU provider runs most fp16
+    # operators in float32 behind inserted casts; torch on the CPU always computes in float32.
+    precision: str | None = None
     model_timeout_s: float = 120.0  # a model call not answered by then is retried or fails
     request_timeout_s: float = 300.0  # a request still running then fails
     default_steps: int | None = None  # None: the family's
@@ -99,8 +101,6 @@ class RepositorySettings:
             raise ValueError("engine onnx runs on the CPU: leave gpus empty (or use torch)")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
-        if self.resolved_precision == "fp16" and not self.gpus:
-            raise ValueError("precision fp16 needs GPUs (ONNX Runtime and torch on CPU run fp32)")
         for name in ("orchestrator_instances", "max_k", "intra_op_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -137,7 +137,13 @@ class RepositorySettings:
 
     @property
     def resolved_precision(self) -> str:
-        return self.precision or ("fp16" if self.gpus else "fp32")
+        if self.precision is not None:
+            return self.precision
+        return (
+            "fp16"
+            if self.engine == "tensorrt" or (self.engine == "torch" and self.gpus)
+            else "fp32"
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RepositorySettings:
@@ -176,7 +182,9 @@ def build_repository(
     say(f"[repository] loading {pipeline}")
     try:
         pipe = load_pipeline(pipeline)
-        family = family_for_pipeline(settings.family, pipe, precision=settings.resolved_precision)
+        family = at_precision(
+            family_for_pipeline(settings.family, pipe), settings.resolved_precision
+        )
     except Exception as exc:
         raise RepositoryBuildError(
             f"loading pipeline {pipeline} as {settings.family} failed: {type(exc).__name__}: {exc}"
@@ -218,7 +226,9 @@ def _onnx_step(exports, family, out, settings) -> dict[str, Any]:
 
 def _tensorrt_step(exports, family, out, settings, cache, timing_cache, builder, force, say):
     timing = Path(timing_cache) if timing_cache is not None else cache / "tensorrt" / "timing.cache"
-    profiles = family.trt_profiles(settings.max_k)
+    from driffusion.export.tensorrt import engine_profiles
+
+    profiles = engine_profiles(family, settings.max_k)
     records = {}
     for role, spec in family.components.items():
         version = _version_dir(out, role)
@@ -263,7 +273,14 @@ def component_configs(family: FamilySpec, settings: RepositorySettings) -> dict[
     for role, spec in family.components.items():
         gpus = (settings.gpus if role == DENOISER else settings.gpus[:1]) or None
         if settings.engine == "tensorrt":
-            configs[role] = component_config(role, spec, platform="tensorrt_plan", gpus=gpus)
+            count = len(_engine_profiles(family, settings)[role])
+            configs[role] = component_config(
+                role,
+                spec,
+                platform="tensorrt_plan",
+                gpus=gpus,
+                profiles=range(count) if count > 1 else (),
+            )
             continue
         instances = settings.instances // max(len(settings.gpus), 1) if role == DENOISER else 1
         params: dict[str, object] = dict(_contract(spec, family, settings))
@@ -279,6 +296,12 @@ def component_configs(family: FamilySpec, settings: RepositorySettings) -> dict[
             role, spec, backend="python", instances=instances, gpus=gpus, parameters=params
         )
     return configs
+
+
+def _engine_profiles(family: FamilySpec, settings: RepositorySettings):
+    from driffusion.export.tensorrt import engine_profiles
+
+    return engine_profiles(family, settings.max_k)
 
 
 def _cached_exports(pipe, family, fingerprint, settings, cache, force, say) -> dict[str, Path]:
@@ -360,11 +383,18 @@ def _check_tensorrt(settings: RepositorySettings, say: Say):
 
     version = trt_build.import_tensorrt().__version__
     try:
+        trt_build.check_tensorrt_version(version)
+        server, source = trt_build.server_tensorrt_version()
+        trt_build.check_server_tensorrt(version, server, source)
         gpu = trt_build.check_gpus(settings.gpus, trt_build.query_gpus(), version)
+        trt_build.select_device(settings.gpus[0])  # build on a GPU the engines serve on
     except trt_build.EngineBuildError as exc:
-        raise RepositoryBuildError(f"checking the GPUs failed: {exc}") from exc
+        raise RepositoryBuildError(f"checking TensorRT and the GPUs failed: {exc}") from exc
     where = "nvidia-smi not found, GPUs not checked" if gpu is None else gpu.name
-    say(f"[repository] TensorRT {version}; engines for {where}")
+    say(
+        f"[repository] TensorRT {version} (server's: {server}, {source}); engines for {where}, "
+        f"built on GPU {settings.gpus[0]}"
+    )
 
     def build(*args, **kwargs):
         return trt_build.build_engine(*args, gpu=gpu, **kwargs)

@@ -33,10 +33,17 @@ _API_TO_TRITON = {
 }
 
 
-def _group(count: int, gpus: Sequence[int] | None) -> mc.ModelInstanceGroup:
+def _group(
+    count: int, gpus: Sequence[int] | None, profiles: Sequence[int] = ()
+) -> mc.ModelInstanceGroup:
     if gpus is None:
         return mc.ModelInstanceGroup(count=count, kind=mc.ModelInstanceGroup.KIND_CPU)
-    return mc.ModelInstanceGroup(count=count, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=list(gpus))
+    return mc.ModelInstanceGroup(
+        count=count,
+        kind=mc.ModelInstanceGroup.KIND_GPU,
+        gpus=list(gpus),
+        profile=[str(i) for i in profiles],  # TensorRT optimization profiles this group may use
+    )
 
 
 def _config(
@@ -74,14 +81,19 @@ def component_config(
     instances: int = 1,
     gpus: Sequence[int] | None = None,
     parameters: Mapping[str, object] | None = None,
+    profiles: Sequence[int] = (),
 ) -> str:
     """A pipeline component served by ``backend`` (``python``: ONNX Runtime or torch runners) or
     ``platform`` (``tensorrt_plan``): ``instances`` on the CPU when ``gpus`` is None, else
-    ``instances`` on EACH of ``gpus``."""
+    ``instances`` on EACH of ``gpus``, each allowed the engine's optimization ``profiles`` (none
+    listed: Triton uses profile 0 only; several: per request, the one whose optimum is nearest
+    its shape). Tensor dtypes are the spec's (float16 where ``families.at_precision`` says so)."""
     if bool(backend) == bool(platform):
         raise ValueError("give exactly one of backend and platform")
     if gpus is not None and not gpus:
         raise ValueError("gpus must list at least one GPU index (or be None for the CPU)")
+    if profiles and gpus is None:
+        raise ValueError("optimization profiles are for TensorRT engines on GPUs")
     ins = [
         mc.ModelInput(name=t.name, data_type=_NUMPY_TO_TRITON[t.dtype], dims=t.wildcard_shape)
         for t in spec.inputs
@@ -90,7 +102,7 @@ def component_config(
         mc.ModelOutput(name=t.name, data_type=_NUMPY_TO_TRITON[t.dtype], dims=t.wildcard_shape)
         for t in spec.outputs
     ]
-    groups = [_group(instances, gpus)]
+    groups = [_group(instances, gpus, profiles)]
     return _config(
         name, ins, outs, groups, backend=backend, platform=platform, parameters=parameters
     )

@@ -16,7 +16,7 @@ Needs only numpy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .tensors import (
@@ -433,6 +433,48 @@ FAMILIES: dict[str, FamilySpec] = {
     "sd3": sd3_family("sd3"),
 }
 FAMILY_NAMES = tuple(FAMILIES)
+
+
+# --- precision: the served view of a family ------------------------------------------------
+
+PRECISIONS = ("fp16", "fp32")
+# Inputs that stay float32 at the boundary of an fp16 component: fractional timesteps (Euler,
+# sigma * 1000 for SD3) and image sizes up to 4096 are not exact in float16, and the model turns
+# both into sinusoidal embeddings computed in float32 (as diffusers does in an fp16 pipeline).
+FP32_TENSORS = (TIMESTEP, TIME_IDS)
+_FLOATS = ("float16", "float32", "float64")
+
+
+def at_precision(family: FamilySpec, precision: str) -> FamilySpec:
+    """``family`` as exported and served at ``precision`` ("fp16" | "fp32").
+
+    "fp32": every component fp32, every float tensor float32 (the CPU server's view).
+    "fp16": each component whose ``precision`` in ``family`` is "fp16" gets fp16 weights and
+    float16 tensors at its boundary, except ``FP32_TENSORS``; components that are fp32 there
+    (SDXL's VAE, which overflows in fp16) stay fp32 with float32 tensors. The result is what
+    the ONNX export, the engine build, ``config.pbtxt`` and the orchestrator read: the dtype in
+    its TensorSpecs is the dtype sent and received. Apply it to a family as FAMILIES or
+    ``family_for_pipeline`` give it (an fp32 view has forgotten which components may be fp16).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+    def tensor(t: TensorSpec, target: str) -> TensorSpec:
+        if t.dtype not in _FLOATS:
+            return t
+        dtype = "float16" if target == "fp16" and t.name not in FP32_TENSORS else "float32"
+        return replace(t, dtype=dtype)
+
+    def component(spec: ModelSpec) -> ModelSpec:
+        target = "fp16" if precision == "fp16" and spec.precision == "fp16" else "fp32"
+        return replace(
+            spec,
+            precision=target,
+            inputs=tuple(tensor(t, target) for t in spec.inputs),
+            outputs=tuple(tensor(t, target) for t in spec.outputs),
+        )
+
+    return replace(family, components={r: component(s) for r, s in family.components.items()})
 
 
 def get_family(name: str) -> FamilySpec:

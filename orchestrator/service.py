@@ -215,7 +215,7 @@ class Orchestrator:
         start = time.perf_counter()
         if deadline is None:
             deadline = time.monotonic() + self.settings.request_timeout_s
-        infer = self._with_deadline(infer, deadline)
+        infer = self._with_deadline(self._in_served_dtypes(infer), deadline)
         cfg = req.guidance_scale > 1.0  # as diffusers' do_classifier_free_guidance
         cond = await self._encode_text(req, cfg, infer)
         text_done = time.perf_counter()
@@ -259,6 +259,23 @@ class Orchestrator:
             denoise_ms=(denoise_done - text_done) * 1e3,
             decode_ms=(end - denoise_done) * 1e3,
         )
+
+    def _in_served_dtypes(self, infer: Infer) -> Infer:
+        """``infer`` that sends every input in the dtype the served spec names for it (float16
+        for the tensors of fp16 engines, see ``families.at_precision``) and returns float outputs as
+        float32: the host's math (guidance, scheduler, jumps) stays float32 whatever the engines
+        run. With the fp32 spec both conversions are no-ops (no copies)."""
+
+        async def call(model, inputs, outputs):
+            spec = self.family.components[model]
+            sent = {n: np.asarray(v, dtype=spec.tensor(n).dtype) for n, v in inputs.items()}
+            got = await infer(model, sent, outputs)
+            return {
+                n: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f" else v
+                for n, v in got.items()
+            }
+
+        return call
 
     def request_timeout_s(self, client_timeout_s: float | None) -> float:
         """A request's time budget: the server's ``request_timeout_s``, or the client's own

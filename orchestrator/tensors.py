@@ -101,7 +101,10 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]  # in the order the ONNX graph takes them
     outputs: tuple[TensorSpec, ...]
     batch: str  # BATCH_CFG_DRAFTS | BATCH_CFG | BATCH_SINGLE
-    precision: str  # weights of the fp16 export / engine: "fp16" | "fp32"
+    # Weights of the exported ONNX file and the engine: "fp16" | "fp32". In FAMILIES it is the
+    # precision the component takes when fp16 is asked for ("fp32": never fp16, e.g. SDXL's VAE);
+    # families.at_precision() gives the served view, whose tensors' dtypes follow it.
+    precision: str
     vae_scale_factor: int = 8  # pixels per latent cell, to size latent dims from image sizes
     # Text encoders only: which hidden states the pipeline uses. "last": the final layer after the
     # final layer norm (SD 1/2); "penultimate": hidden_states[-2], no final norm (SDXL, SD3).

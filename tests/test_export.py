@@ -1,7 +1,14 @@
 """Family specs, tiny pipelines and ONNX export, checked against torch and diffusers.
 
-Tolerance: relative error = max |onnx - torch| / max |torch| over the whole output, <= 1e-4 (fp32;
-seen: about 1e-6).
+Tolerances: relative error = max |onnx - torch fp32| / max |torch fp32| over the whole output.
+- fp32 exports: <= 1e-4 (seen: about 1e-6).
+- fp16 exports: <= 1e-2. One fp16 rounding is u = 2^-11 = 4.9e-4 relative; the tiny models
+  chain 10 to 40 rounded operations between input and output, so errors of a few u are expected
+  (seen: 1.2e-3 to 5e-3, the VAE decoders largest). 1e-2 is about 20 u: it passes fp16
+  arithmetic and fails what fp16 breaks (an overflow gives inf/NaN, a lost float32 upcast or a
+  wrong cast gives O(1) error). fp16 graphs run in onnx.reference, which computes in the graph's
+  own types; ONNX Runtime's CPU provider lacks fp16 kernels for most operators and would run them
+  in float32 behind inserted casts (it is used where it has every kernel: fp32 components).
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from driffusion.export.onnx import (
     export_component,
     export_pipeline_to_onnx,
     graph_io,
+    matches_spec,
+    weights_precision,
     wrap_component,
 )
 from driffusion.export.tiny import build_tiny_pipeline, load_tiny_pipeline, tiny_clip_vocab
-from driffusion.families import FAMILIES, get_family
+from driffusion.families import FAMILIES, FP32_TENSORS, at_precision, get_family
 
 RTOL = 1e-4
 K = 4  # drafts per round: the denoiser is checked at batch 1 and 2*K
@@ -74,7 +83,7 @@ def tiny_pipes(tmp_path_factory):
 def exported(request, tiny_pipes, tmp_path_factory):
     """(pipeline, family spec, {role: onnx path}) for one tiny family."""
     pipe = tiny_pipes[request.param]
-    family = family_for_pipeline(request.param, pipe)
+    family = at_precision(family_for_pipeline(request.param, pipe), "fp32")
     out = tmp_path_factory.mktemp(request.param)
     paths = export_pipeline_to_onnx(pipe, family, out, progress=None)
     return pipe, family, paths
@@ -355,7 +364,7 @@ def test_an_existing_file_with_other_inputs_is_exported_again(exported, tmp_path
 
 def test_large_models_keep_their_weights_in_one_external_file(tiny_pipes, tmp_path):
     pipe = tiny_pipes["sd3"]
-    family = family_for_pipeline("sd3", pipe)
+    family = at_precision(family_for_pipeline("sd3", pipe), "fp32")
     spec = family.components[tensors.VAE_DECODER]
     path = export_component(
         pipe, spec, tmp_path / "model.onnx", trace_size=(32, 32), external_data_threshold=0
@@ -370,6 +379,205 @@ def test_large_models_keep_their_weights_in_one_external_file(tiny_pipes, tmp_pa
 
 def test_a_spec_that_does_not_fit_the_pipeline_fails_naming_the_component(exported, tmp_path):
     pipe, family, _ = exported
-    public = FAMILIES[family.name]  # full-size widths
+    public = at_precision(FAMILIES[family.name], "fp32")  # full-size widths
     with pytest.raises(ExportError, match=tensors.TEXT_ENCODER):
         export_pipeline_to_onnx(pipe, public, tmp_path, progress=None, trace_size=(512, 512))
+
+
+# --- fp16 exports ---------------------------------------------------------------------------
+
+RTOL_FP16 = 1e-2  # about 20 fp16 roundings (module docstring)
+FP16_FAMILIES = {"sd21": "sd21", "sdxl": "sdxl", "sd3": "sd3"}  # fp16 views of the public specs
+
+
+def run_as_typed(path, inputs: dict) -> list[np.ndarray]:
+    """Outputs of an ONNX file computed in the graph's own types: ONNX Runtime when its CPU
+    provider has a kernel for every node in those types (it inserts float32 casts otherwise),
+    else onnx.reference."""
+    import tempfile
+
+    from onnx.reference import ReferenceEvaluator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.optimized_model_filepath = f"{tmp}/optimized.onnx"
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(f"{tmp}/optimized.onnx", load_external_data=False)
+    if not any(n.name.startswith("InsertedPrecisionFreeCast") for n in optimized.graph.node):
+        return sess.run(None, inputs)
+    with np.errstate(over="ignore"):  # float16 exp(-x) in Sigmoid overflows to inf: 1/(1+inf) = 0
+        return ReferenceEvaluator(str(path)).run(None, inputs)
+
+
+@pytest.fixture(scope="module", params=sorted(FP16_FAMILIES))
+def exported_fp16(request, tiny_pipes, tmp_path_factory):
+    """(pipeline, fp16 family view, fp32 family view, {role: onnx path}) for one tiny family."""
+    pipe = tiny_pipes[request.param]
+    family = family_for_pipeline(FP16_FAMILIES[request.param], pipe)
+    fp16, fp32 = at_precision(family, "fp16"), at_precision(family, "fp32")
+    out = tmp_path_factory.mktemp(f"{request.param}-fp16")
+    return pipe, fp16, fp32, export_pipeline_to_onnx(pipe, fp16, out, progress=None)
+
+
+def test_fp16_views_keep_timesteps_float32_and_sdxls_vae_fp32():
+    for name in ("sd21", "sdxl", "sd3"):
+        fp16 = at_precision(FAMILIES[name], "fp16")
+        for role, spec in fp16.components.items():
+            keep_fp32 = name == "sdxl" and role == tensors.VAE_DECODER
+            assert spec.precision == ("fp32" if keep_fp32 else "fp16"), (name, role)
+            for t in spec.inputs + spec.outputs:
+                if t.dtype == "int64":
+                    continue
+                fp32 = keep_fp32 or t.name in FP32_TENSORS
+                assert t.dtype == ("float32" if fp32 else "float16"), (name, role, t.name)
+        assert at_precision(fp16, "fp16") == fp16  # applying it again changes nothing
+        fp32_view = at_precision(FAMILIES[name], "fp32")
+        assert {s.precision for s in fp32_view.components.values()} == {"fp32"}
+        assert all(
+            t.dtype in ("float32", "int64")
+            for s in fp32_view.components.values()
+            for t in s.inputs + s.outputs
+        )
+    with pytest.raises(ValueError, match="precision"):
+        at_precision(FAMILIES["sd21"], "bf16")
+
+
+def test_fp16_files_hold_fp16_weights_and_the_served_dtypes(exported_fp16):
+    _, fp16, _, paths = exported_fp16
+    for role, spec in fp16.components.items():
+        model = onnx.load(str(paths[role]))
+        weights = [i for i in model.graph.initializer if i.data_type in (1, 10)]  # float, float16
+        fp16_bytes = sum(2 * int(np.prod(i.dims)) for i in weights if i.data_type == 10)
+        fp32_bytes = sum(4 * int(np.prod(i.dims)) for i in weights if i.data_type == 1)
+        if spec.precision == "fp16":  # all but a few small float32 constants
+            assert fp16_bytes > 0.95 * (fp16_bytes + fp32_bytes), (role, fp16_bytes, fp32_bytes)
+        else:  # SDXL's VAE
+            assert fp16_bytes == 0, role
+        assert weights_precision(model) == spec.precision, role
+        io = graph_io(model)
+        assert io["inputs"] == {t.name: (t.dtype, t.shape) for t in spec.inputs}, role
+        assert io["outputs"] == {t.name: (t.dtype, t.shape) for t in spec.outputs}, role
+
+
+@pytest.mark.parametrize("batch", [1, 2 * K])
+def test_fp16_files_match_torch_fp32_within_fp16_error(exported_fp16, batch):
+    pipe, fp16, fp32, paths = exported_fp16
+    for role, spec in fp16.components.items():
+        x = component_inputs(pipe, fp16, role, batch, seed=batch)
+        # The fp32 model on the very values the fp16 file gets (rounded to float16 where the
+        # file takes float16): the difference is the file's arithmetic, not input rounding.
+        x32 = {n: v.astype(np.float32) if v.dtype == np.float16 else v for n, v in x.items()}
+        with torch.no_grad():
+            ref = wrap_component(pipe, fp32.components[role])(
+                *(torch.from_numpy(x32[n]) for n in spec.input_names)
+            )
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = run_as_typed(paths[role], x)
+        for t, g, r in zip(spec.outputs, got, ref, strict=True):
+            assert g.dtype == np.dtype(t.dtype), (role, t.name)
+            assert np.isfinite(g).all(), (role, t.name)
+            err = rel_err(g.astype(np.float32), r.numpy())
+            assert err <= RTOL_FP16, (role, t.name, err)
+
+
+def test_an_fp32_file_is_exported_again_when_fp16_is_asked(exported, tmp_path):
+    pipe, family, paths = exported
+    fp16 = at_precision(family_for_pipeline(family.name, pipe), "fp16")
+    spec = fp16.components[tensors.DENOISER]
+    assert not matches_spec(paths[tensors.DENOISER], spec)  # fp32 file, fp16 spec
+    assert matches_spec(paths[tensors.DENOISER], family.components[tensors.DENOISER])
+
+
+def softmax_input_dtypes(path) -> list[str]:
+    """numpy dtype names of every Softmax's input, from ONNX's type inference."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    return [
+        np.dtype(onnx.helper.tensor_dtype_to_np_dtype(types[n.input[0]])).name
+        for n in model.graph.node
+        if n.op_type == "Softmax"
+    ]
+
+
+def test_attention_marked_upcast_runs_in_float32_in_the_fp16_graph(exported_fp16):
+    """SD2.1's UNet (upcast_attention) and every VAE mid-block (upcast_softmax) compute their
+    attention scores and softmax in float32; SDXL's and SD3's denoisers (no flags) in float16."""
+    pipe, fp16, _, paths = exported_fp16
+    from diffusers.models.attention_processor import Attention
+
+    for role in (tensors.DENOISER, tensors.VAE_DECODER):
+        spec = fp16.components[role]
+        module = getattr(pipe, spec.pipeline_attr)
+        flags = {
+            bool(m.upcast_attention or m.upcast_softmax)
+            for m in module.modules()
+            if isinstance(m, Attention)
+        }
+        dtypes = set(softmax_input_dtypes(paths[role]))
+        if spec.precision == "fp32":
+            assert dtypes == {"float32"}, role
+        elif flags == {True}:
+            assert dtypes == {"float32"}, (role, dtypes)
+        else:
+            assert flags == {False} and dtypes == {"float16"}, (role, flags, dtypes)
+    denoiser = getattr(pipe, fp16.components[tensors.DENOISER].pipeline_attr)
+    processors = {type(p).__name__ for p in denoiser.attn_processors.values()}
+    assert "AttnProcessor" not in processors, "the export restores the pipeline's processors"
+    assert {p.dtype for p in denoiser.parameters()} == {torch.float32}, "the pipeline stays fp32"
+
+
+def test_upcast_attention_keeps_fp16_scores_from_overflowing(tiny_pipes, tmp_path):
+    """Attention logits beyond float16's range (65504): SD2.1's upcast_attention computes them in
+    float32, so the fp16 file stays finite; traced with the default SDPA processor the scores
+    overflow to inf and the softmax gives NaN."""
+    import copy
+
+    from diffusers.models.attention_processor import Attention
+
+    pipe = copy.copy(tiny_pipes["sd21"])
+    pipe.unet = copy.deepcopy(tiny_pipes["sd21"].unet)
+    for m in pipe.unet.modules():
+        if isinstance(m, Attention):  # q and k stay within fp16, their products do not
+            m.to_q.weight.data *= 200.0
+            m.to_k.weight.data *= 200.0
+    family = at_precision(family_for_pipeline("sd21", pipe), "fp16")
+    spec = family.components[tensors.DENOISER]
+    x = spec.sample_inputs(2, *family.default_size, seed=5)
+    with torch.no_grad():
+        scores = []
+        hooks = [
+            m.register_forward_hook(
+                lambda mod, args, kwargs, out: scores.append(
+                    float(
+                        (
+                            mod.to_q(args[0])
+                            @ mod.to_k(
+                                kwargs.get("encoder_hidden_states")
+                                if kwargs.get("encoder_hidden_states") is not None
+                                else args[0]
+                            ).transpose(-1, -2)
+                        )
+                        .abs()
+                        .max()
+                        * mod.scale
+                    )
+                ),
+                with_kwargs=True,
+            )
+            for m in pipe.unet.modules()
+            if isinstance(m, Attention)
+        ]
+        wrap_component(pipe, at_precision(family, "fp32").components[tensors.DENOISER])(
+            *(
+                torch.from_numpy(v.astype(np.float32) if v.dtype == np.float16 else v)
+                for v in x.values()
+            )
+        )
+        for h in hooks:
+            h.remove()
+    assert max(scores) > 65504, "the test needs logits beyond float16's range"
+    path = export_component(pipe, spec, tmp_path / "model.onnx", trace_size=(32, 32))
+    (out,) = run_as_typed(path, x)
+    assert np.isfinite(out).all()

@@ -154,6 +154,45 @@ def test_force_rebuilds(exported, capsys):
     assert all(f"exporting {role}" in output for role in ROLES)
 
 
+def test_an_fp16_repository_declares_float16_tensors_and_serves_a_request(
+    tiny_pipeline_dir, tmp_path, start_triton_server
+):
+    """--precision fp16 on the CPU server: config.pbtxt says TYPE_FP16 where the spec says
+    float16, and the real server accepts what the orchestrator sends (it refuses a dtype that
+    differs from the config)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from driffusion.client import DriffusionClient
+    from driffusion.model_repository.config import parse_config
+
+    out = tmp_path / "repo"
+    argv = ["--pipeline", str(tiny_pipeline_dir), "--family", "sd21", "--out", str(out)]
+    assert (
+        export(
+            *argv,
+            "--precision",
+            "fp16",
+            "--denoiser-instances",
+            "2",
+            "--orchestrator-instances",
+            "1",
+        )
+        == 0
+    )
+    denoiser = parse_config((out / "denoiser" / "config.pbtxt").read_text())
+    types = {t.name: t.data_type for t in [*denoiser.input, *denoiser.output]}
+    assert types == {
+        "sample": mc.TYPE_FP16,
+        "timestep": mc.TYPE_FP32,
+        "encoder_hidden_states": mc.TYPE_FP16,
+        "model_output": mc.TYPE_FP16,
+    }
+    server = start_triton_server(out)
+    with DriffusionClient(server.grpc_url) as client:
+        result = client.generate("a photo of a cat", steps=4, k=2, seed=3, timeout_s=120)
+    assert result.image.shape == (64, 64, 3) and result.evaluations == 4
+
+
 # --- failures ----------------------------------------------------------------------------------
 
 

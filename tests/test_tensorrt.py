@@ -4,28 +4,33 @@ full-size SD2.1 UNet export.
 
 Where TensorRT or a GPU is missing, the engine build is skipped with the reason (``pytest -rs``
 prints it); everything around it runs here with a stand-in builder.
-Tolerance of the GPU test: fp16 engine vs fp32 ONNX Runtime, relative error (max |diff| / max |ref|)
-<= 1e-2 (fp16 keeps about 3 significant digits; the tiny models are a few layers deep).
+Tolerance of the GPU test: the strongly typed fp16 engine vs ONNX Runtime on the same fp16 ONNX file
+(which runs most fp16 operators in float32 on the CPU), relative error (max |diff| / max |ref|)
+<= 1e-2: about 20 fp16 roundings, as the fp16 export tests in test_export.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from driffusion import tensors
 from driffusion.export import tensorrt as trt_build
+from driffusion.export.onnx import graph_io, weights_precision
 from driffusion.export.tensorrt import GpuInfo
-from driffusion.families import get_family
+from driffusion.families import at_precision, get_family
 from driffusion.model_repository.build import (
     ENGINE_FILE,
+    RepositoryBuildError,
     RepositorySettings,
     build_repository,
     component_configs,
@@ -62,6 +67,27 @@ def test_denoiser_profile_spans_batch_one_to_two_k_with_opt_at_two_k(name):
         trt_build.check_profile(spec, profiles[role])
 
 
+@pytest.mark.parametrize("name", ["sd21", "sdxl", "sd3"])
+def test_the_denoiser_engine_has_a_round_profile_and_a_fanout_profile(name):
+    """Profile 0 is optimised for a whole round as one batch (2*max_k), profile 1 for one CFG
+    pair (what each GPU gets per round when fanning out); both accept every batch 1..2*max_k."""
+    family = get_family(name)
+    profiles = trt_build.engine_profiles(family, MAX_K)
+    rounds, fanout = profiles[DENOISER]
+    for name_, (lo, opt, hi) in rounds.items():
+        assert (lo[0], opt[0], hi[0]) == (1, 2 * MAX_K, 2 * MAX_K), name_
+        f_lo, f_opt, f_hi = fanout[name_]
+        assert (f_lo, f_hi) == (lo, hi)  # same range: any request fits either profile
+        assert f_opt[0] == trt_build.FANOUT_OPT_BATCH == 2 and f_opt[1:] == opt[1:]
+    for role in family.components:
+        if role != DENOISER:
+            assert profiles[role] == [family.trt_profiles(MAX_K)[role]]
+        for profile in profiles[role]:
+            trt_build.check_profile(family.components[role], profile)
+    one = trt_build.engine_profiles(family, 1)[DENOISER]  # max_k 1: both optimise batch 2
+    assert [p[tensors.SAMPLE][1][0] for p in one] == [2, 2]
+
+
 def test_check_profile_names_the_component_and_the_problem():
     spec = get_family("sd21").components[DENOISER]
     good = get_family("sd21").trt_profiles(MAX_K)[DENOISER]
@@ -95,8 +121,27 @@ def test_tensorrt_configs_for_four_gpus_parse_with_tritons_protobuf(name):
         gpu = mc.ModelInstanceGroup.KIND_GPU
         if role == DENOISER:  # one instance on each GPU
             assert groups == [(gpu, 1, list(GPUS))]
-        else:  # text encoders and VAE on the first GPU
+        else:  # text encoders and VAE on the first GPU, one profile: none listed
             assert groups == [(gpu, 1, [0])]
+            assert all(list(g.profile) == [] for g in config.instance_group)
+
+
+@pytest.mark.parametrize("name", ["sd21", "sdxl", "sd3"])
+def test_every_denoiser_instance_may_use_both_profiles_and_types_are_the_served_ones(name):
+    family = at_precision(get_family(name), "fp16")
+    settings = RepositorySettings(name, engine="tensorrt", gpus=GPUS, max_k=MAX_K)
+    configs = component_configs(family, settings)
+    denoiser = parse_config(configs[DENOISER])
+    assert [list(g.profile) for g in denoiser.instance_group] == [["0", "1"]]
+    for role, text in configs.items():
+        config = parse_config(text)
+        spec = family.components[role]
+        want = {t.name: t.dtype for t in spec.inputs + spec.outputs}
+        got = {t.name: t.data_type for t in [*config.input, *config.output]}
+        names = {mc.TYPE_FP16: "float16", mc.TYPE_FP32: "float32", mc.TYPE_INT64: "int64"}
+        assert {n: names[d] for n, d in got.items()} == want, role
+        if role != DENOISER:
+            assert all(list(g.profile) == [] for g in config.instance_group), role
 
 
 # --- the repository around the engines, with a stand-in builder ---------------------------------
@@ -108,9 +153,9 @@ class StandInBuilder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, onnx_path, engine_path, spec, profile, **kwargs):
+    def __call__(self, onnx_path, engine_path, spec, profiles, **kwargs):
         self.calls.append(
-            SimpleNamespace(onnx=Path(onnx_path), spec=spec, profile=profile, **kwargs)
+            SimpleNamespace(onnx=Path(onnx_path), spec=spec, profiles=profiles, **kwargs)
         )
         Path(engine_path).write_bytes(b"stand-in engine for " + spec.role.encode())
         return SimpleNamespace(record={"role": spec.role})
@@ -161,9 +206,31 @@ def test_engines_are_built_from_onnx_outside_the_repository_with_the_spec_profil
         assert call.timing_cache == cache / "tensorrt" / "timing.cache"
         assert call.force is False
     denoiser = next(c for c in builder.calls if c.spec.role == DENOISER)
-    batches = {name: [s[0] for s in shapes] for name, shapes in denoiser.profile.items()}
-    assert batches == {name: [1, 2 * MAX_K, 2 * MAX_K] for name in denoiser.spec.input_names}
+    assert len(denoiser.profiles) == 2
+    for profile, opt in zip(denoiser.profiles, (2 * MAX_K, 2), strict=True):
+        batches = {name: [s[0] for s in shapes] for name, shapes in profile.items()}
+        assert batches == {name: [1, opt, 2 * MAX_K] for name in denoiser.spec.input_names}
+    assert all(len(c.profiles) == 1 for c in builder.calls if c.spec.role != DENOISER)
     assert not any(p.suffix == ".onnx" for p in out.rglob("*"))  # no ONNX inside the repository
+
+
+def test_engines_are_built_from_fp16_onnx_with_float16_io(tensorrt_repository):
+    """The default precision: fp16 weights and float16 I/O in every ONNX file the engines are
+    built from, and the same dtypes in config.pbtxt and in the orchestrator's spec."""
+    out, builder, _ = tensorrt_repository
+    for call in builder.calls:
+        model = onnx.load(str(call.onnx), load_external_data=False)
+        assert call.spec.precision == "fp16" == weights_precision(model)
+        io = graph_io(model)
+        assert io["inputs"][call.spec.input_names[0]][0] in ("float16", "int64")
+        config = parse_config((out / call.spec.role / "config.pbtxt").read_text())
+        assert [i.data_type for i in config.input] == [
+            {"float16": mc.TYPE_FP16, "float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64}[t.dtype]
+            for t in call.spec.inputs
+        ]
+    served = json.loads((out / "driffusion" / "1" / "settings.json").read_text())["family"]
+    sample = served["components"][DENOISER]["inputs"][0]
+    assert (sample["name"], sample["dtype"]) == (tensors.SAMPLE, "float16")
 
 
 def test_orchestrator_fans_out_over_the_gpus(tensorrt_repository):
@@ -257,6 +324,135 @@ def test_an_engine_is_reused_only_when_built_from_the_same_record(tmp_path):
     )
 
 
+# --- strongly typed, TensorRT 10 and 11; the server's TensorRT; the build GPU ------------------
+
+
+def fake_trt(version: str, strongly_typed: bool = True):
+    flags = {"STRONGLY_TYPED": 1} if strongly_typed else {}
+    return SimpleNamespace(
+        __version__=version, NetworkDefinitionCreationFlag=SimpleNamespace(**flags)
+    )
+
+
+def test_networks_are_strongly_typed_on_tensorrt_10_and_11_and_older_ones_are_refused():
+    assert trt_build.network_flags(fake_trt("10.13.3.9")) == 1 << 1
+    assert trt_build.network_flags(fake_trt("11.4.0.106")) == 1 << 1  # accepted, ignored
+    assert trt_build.network_flags(fake_trt("11.9.0.1", strongly_typed=False)) == 0  # always on
+    with pytest.raises(trt_build.EngineBuildError, match="STRONGLY_TYPED"):
+        trt_build.network_flags(fake_trt("10.1.0", strongly_typed=False))
+    with pytest.raises(trt_build.EngineBuildError, match="too old"):
+        trt_build.network_flags(fake_trt("8.6.1"))
+
+
+def test_the_build_never_sets_a_precision_builder_flag():
+    """BuilderFlag.FP16 is deprecated in 10.12 and gone in 11: precision comes from the ONNX."""
+    source = Path(trt_build.__file__).read_text()
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("#"))
+    assert "set_flag(" not in code and "BuilderFlag." not in code.split('"""', 2)[2]
+
+
+@pytest.mark.parametrize(
+    "name, version",
+    [
+        ("libnvinfer.so.10.14.1", "10.14.1"),
+        ("libnvinfer.so.10.3.0", "10.3.0"),
+        ("libnvinfer.so.11.4.0.106", "11.4.0"),
+        ("libnvinfer.so.10", None),
+        ("libnvinfer_plugin.so.10.14.1", None),
+    ],
+)
+def test_libnvinfer_versions_are_read_from_the_file_name(tmp_path, name, version):
+    path = tmp_path / name
+    path.write_bytes(b"")
+    assert trt_build.libnvinfer_file_version(path) == version
+
+
+def test_a_symlinked_libnvinfer_is_read_through_the_link(tmp_path):
+    real = tmp_path / "libnvinfer.so.10.14.1"
+    real.write_bytes(b"")
+    (tmp_path / "libnvinfer.so.10").symlink_to(real.name)
+    assert trt_build.libnvinfer_file_version(tmp_path / "libnvinfer.so.10") == "10.14.1"
+    found = trt_build.find_libnvinfer(dirs=[str(tmp_path)])
+    assert found is not None and trt_build.libnvinfer_file_version(found) == "10.14.1"
+
+
+def test_get_infer_lib_version_numbers():
+    assert trt_build.infer_lib_version(101401) == "10.14.1"
+    assert trt_build.infer_lib_version(100300) == "10.3.0"
+    assert trt_build.infer_lib_version(110400) == "11.4.0"
+    assert trt_build.infer_lib_version(8601) == "8.6.1"
+
+
+def test_the_servers_tensorrt_comes_from_the_environment_or_the_system_library(tmp_path):
+    lib = tmp_path / "libnvinfer.so.10.14.1"
+    lib.write_bytes(b"")
+    env = trt_build.SERVER_TENSORRT_ENV
+    assert trt_build.server_tensorrt_version({env: "10.14.1.48"}) == ("10.14.1", f"${env}")
+    assert trt_build.server_tensorrt_version({env: str(lib)}) == ("10.14.1", str(lib))
+    assert trt_build.server_tensorrt_version({}, find=lambda: lib) == ("10.14.1", str(lib))
+    short = tmp_path / "libnvinfer.so.10"
+    short.write_bytes(b"")  # no version in the name: asked through getInferLibVersion
+    probed = trt_build.server_tensorrt_version({}, find=lambda: short, probe=lambda p: "10.3.0")
+    assert probed == ("10.3.0", str(short))
+    with pytest.raises(trt_build.EngineBuildError, match=env):
+        trt_build.server_tensorrt_version({}, find=lambda: None)
+    with pytest.raises(trt_build.EngineBuildError, match="no such file"):
+        trt_build.server_tensorrt_version({env: str(tmp_path / "missing.so")})
+
+
+def test_a_tensorrt_package_other_than_the_servers_is_refused():
+    trt_build.check_server_tensorrt("10.14.1.48", "10.14.1", "/usr/lib/libnvinfer.so.10.14.1")
+    trt_build.check_server_tensorrt("11.4.0.106", "11.4.0", "$DRIFFUSION_SERVER_TENSORRT")
+    for wheel, server in (
+        ("11.4.0.106", "10.14.1"),
+        ("10.13.3.9", "10.14.1"),
+        ("10.14.2", "10.14.1"),
+    ):
+        with pytest.raises(trt_build.EngineBuildError, match=rf"{wheel}.*{server}.*do not load"):
+            trt_build.check_server_tensorrt(wheel, server, "/usr/lib/libnvinfer.so")
+
+
+def test_the_build_device_is_set_through_the_cuda_runtime():
+    calls = []
+
+    class Cudart:
+        def cudaSetDevice(self, index):
+            calls.append(index)
+            return 0 if index < 4 else 101  # cudaErrorInvalidDevice
+
+    trt_build.select_device(2, cudart=Cudart)
+    assert calls == [2]
+    with pytest.raises(trt_build.EngineBuildError, match=r"cudaSetDevice\(7\).*101"):
+        trt_build.select_device(7, cudart=Cudart)
+    with pytest.raises(trt_build.EngineBuildError, match="no CUDA runtime"):
+        trt_build.select_device(0, cudart=lambda: None)
+
+
+def test_the_real_build_checks_tensorrt_and_selects_gpus0_before_exporting(
+    tiny_pipeline_dir, tmp_path, monkeypatch
+):
+    """Without a stand-in builder: the server's TensorRT is compared and GPU gpus[0] selected
+    before the (long) export; a mismatch fails there, naming both versions."""
+    monkeypatch.setattr(trt_build, "import_tensorrt", lambda: fake_trt("10.13.3.9"))
+    monkeypatch.setattr(trt_build, "query_gpus", lambda: [GpuInfo(i, H100, (9, 0)) for i in GPUS])
+    selected = []
+    monkeypatch.setattr(trt_build, "select_device", selected.append)
+    monkeypatch.setenv(trt_build.SERVER_TENSORRT_ENV, "10.14.1")
+    settings = RepositorySettings(engine="tensorrt", gpus=(2, 3), max_k=MAX_K)
+    with pytest.raises(RepositoryBuildError, match=r"10\.13\.3\.9.*10\.14\.1"):
+        build_repository(tiny_pipeline_dir, tmp_path / "repo", settings, progress=None)
+    assert selected == [] and not (tmp_path / "repo").exists()
+    monkeypatch.setenv(trt_build.SERVER_TENSORRT_ENV, "10.13.3")
+    monkeypatch.setattr(
+        trt_build,
+        "build_engine",
+        lambda *a, **k: (_ for _ in ()).throw(trt_build.EngineBuildError("stop after the checks")),
+    )
+    with pytest.raises(RepositoryBuildError, match="stop after the checks"):
+        build_repository(tiny_pipeline_dir, tmp_path / "repo", settings, progress=None)
+    assert selected == [2]
+
+
 def test_without_tensorrt_the_error_says_what_to_install():
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
@@ -293,12 +489,13 @@ def _run_engine(path: Path, inputs: dict[str, np.ndarray], output_names) -> dict
     outputs = {}
     for name in output_names:
         shape = tuple(context.get_tensor_shape(name))
-        outputs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+        dtype = torch.float16 if engine.get_tensor_dtype(name) == trt.float16 else torch.float32
+        outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
         context.set_tensor_address(name, outputs[name].data_ptr())
     stream = torch.cuda.Stream()
     assert context.execute_async_v3(stream.cuda_stream)
     stream.synchronize()
-    return {name: t.cpu().numpy() for name, t in outputs.items()}
+    return {name: t.float().cpu().numpy() for name, t in outputs.items()}
 
 
 def test_tensorrt_fp16_engines_match_onnx_runtime(tiny_pipeline_dir, tmp_path):
@@ -306,7 +503,10 @@ def test_tensorrt_fp16_engines_match_onnx_runtime(tiny_pipeline_dir, tmp_path):
     if reason:
         pytest.skip(reason)
     import onnxruntime as ort
+    import tensorrt
 
+    # This machine has no Triton: the engines are checked here, so the server is this TensorRT.
+    os.environ.setdefault(trt_build.SERVER_TENSORRT_ENV, tensorrt.__version__)
     settings = RepositorySettings(engine="tensorrt", gpus=(0,), max_k=MAX_K)
     cache = tmp_path / "cache"
     out = build_repository(tiny_pipeline_dir, tmp_path / "repo", settings, cache=cache)
@@ -314,7 +514,7 @@ def test_tensorrt_fp16_engines_match_onnx_runtime(tiny_pipeline_dir, tmp_path):
     from driffusion.export.introspect import family_for_pipeline
     from driffusion.export.pipelines import load_pipeline
 
-    family = family_for_pipeline("sd21", load_pipeline(tiny_pipeline_dir))
+    family = at_precision(family_for_pipeline("sd21", load_pipeline(tiny_pipeline_dir)), "fp16")
     height, width = family.default_size
     for role, spec in family.components.items():
         batch = spec.max_batch(MAX_K)
@@ -324,7 +524,8 @@ def test_tensorrt_fp16_engines_match_onnx_runtime(tiny_pipeline_dir, tmp_path):
         ref = dict(zip(spec.output_names, session.run(None, inputs), strict=True))
         got = _run_engine(out / role / "1" / ENGINE_FILE, inputs, spec.output_names)
         for name in spec.output_names:
-            err = np.abs(got[name] - ref[name]).max() / np.abs(ref[name]).max()
+            err = np.abs(got[name] - ref[name].astype(np.float32)).max()
+            err /= np.abs(ref[name].astype(np.float32)).max()
             assert err <= 1e-2, f"{role}/{name}: relative error {err:.2e}"
     messages = []
     build_repository(tiny_pipeline_dir, out, settings, cache=cache, progress=messages.append)
@@ -353,7 +554,7 @@ def test_full_size_sd21_unet_exports_to_onnx_with_external_data(tmp_path):
         upcast_attention=True,
     ).eval()
     assert sum(p.numel() for p in unet.parameters()) == 865_910_724
-    family = get_family("sd21")
+    family = at_precision(get_family("sd21"), "fp32")
     spec = family.components[DENOISER]
     path = tmp_path / DENOISER / "model.onnx"
     path.parent.mkdir()
