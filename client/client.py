@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ _FIELDS = {f.name: f for f in api.INPUTS}
 INVALID_ARGUMENT = "StatusCode.INVALID_ARGUMENT"  # a gRPC status as tritonclient spells it
 DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
 UNAVAILABLE = "StatusCode.UNAVAILABLE"
+# Triton's python backend answers a request routed to a dead worker with this (and nothing ran).
+UNHEALTHY = re.compile(r"Stub process '[^']*' is not healthy")
+UNHEALTHY_RETRIES = 3
 
 
 class DriffusionError(RuntimeError):
@@ -157,15 +161,22 @@ class DriffusionClient:
         inputs = build_inputs(**request)
         outputs = [grpcclient.InferRequestedOutput(f.name) for f in api.OUTPUTS]
         start = time.perf_counter()
-        try:
-            response = self._client.infer(
-                self.model, inputs, outputs=outputs, client_timeout=timeout_s
-            )
-        except InferenceServerException as e:
-            message = e.message() or str(e)
-            if e.status() == DEADLINE_EXCEEDED:
-                message = f"no response within timeout_s={timeout_s:g} s ({message})"
-            raise DriffusionError(message, status=e.status()) from e
+        for attempt in range(UNHEALTHY_RETRIES + 1):
+            left = None if timeout_s is None else timeout_s - (time.perf_counter() - start)
+            try:
+                response = self._client.infer(
+                    self.model, inputs, outputs=outputs, client_timeout=left
+                )
+                break
+            except InferenceServerException as e:
+                message = e.message() or str(e)
+                # A request that reached a dead worker did no work: the server replaces the
+                # worker within seconds and another instance can take the request.
+                if attempt < UNHEALTHY_RETRIES and UNHEALTHY.search(message):
+                    continue
+                if e.status() == DEADLINE_EXCEEDED:
+                    message = f"no response within timeout_s={timeout_s:g} s ({message})"
+                raise DriffusionError(message, status=e.status()) from e
         latency_ms = (time.perf_counter() - start) * 1e3
         values = {}
         for f in api.OUTPUTS:

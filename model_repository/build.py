@@ -25,6 +25,7 @@ orchestrator are always rewritten (cheap, and they follow the settings).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from typing import Any
 
 from driffusion import api
 from driffusion.families import FAMILY_NAMES, PRECISIONS, FamilySpec, at_precision
+from driffusion.schedule import max_steps
 from driffusion.service import ServiceSettings
 from driffusion.tensors import DENOISER, ModelSpec
 
@@ -417,12 +419,16 @@ def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: Reposit
     pipe.scheduler.save_config(assets / "scheduler")
     shutil.copy2(MODELS_DIR / ORCHESTRATOR / "model.py", version / "model.py")
     height, width = family.default_size
+    steps_limit = max_steps(copy.deepcopy(pipe.scheduler), api.Limits().max_steps)
+    if steps_limit < 1:
+        raise RepositoryBuildError(f"{type(pipe.scheduler).__name__}: no step count works")
     service = ServiceSettings(
         family=family,
         denoiser_instances=settings.instances,
         model_timeout_s=settings.model_timeout_s,
         request_timeout_s=settings.request_timeout_s,
         limits=api.Limits(
+            max_steps=steps_limit,
             max_k=settings.max_k,
             min_size=family.min_size,
             max_size=family.max_size,

@@ -6,8 +6,8 @@ serve(repository, ServerOptions(grpc_port=8001))               # until SIGTERM /
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -91,10 +91,13 @@ class ServerOptions:
 
 
 def serve(repository: Path, options: ServerOptions, progress: Say = print) -> int:
-    """Start Triton on ``repository`` and keep it up until SIGTERM or Ctrl-C; 0 when stopped, 1
-    when the server exited by itself."""
-    from .server import TritonServer
+    """Run Triton on ``repository`` under a :class:`Supervisor` until SIGTERM or Ctrl-C; 0 when
+    stopped. The admin APIs open only to requests carrying the key in ``$DRIFFUSION_ADMIN_KEY``
+    (closed to everyone when it is not set)."""
+    from .server import ADMIN_HEADER, ADMIN_KEY_ENV, TritonServer
+    from .supervisor import Supervisor
 
+    admin_key = os.environ.get(ADMIN_KEY_ENV) or None
     server = TritonServer(
         repository,
         http_port=options.http_port,
@@ -103,7 +106,10 @@ def serve(repository: Path, options: ServerOptions, progress: Say = print) -> in
         address=options.address,
         log_path=options.log,
         binary=options.tritonserver,
+        admin_key=admin_key,
+        thread_pool_size=bls_thread_pool_size(repository),
     )
+    supervisor = Supervisor(server, say=progress)
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
@@ -112,24 +118,35 @@ def serve(repository: Path, options: ServerOptions, progress: Say = print) -> in
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     progress(f"[serve] starting tritonserver on {repository} ...")
-    server.start()
+    supervisor.start()
     progress(
         f"[serve] ready: gRPC {server.grpc_url}  HTTP http://{server.http_url}  "
         f"metrics {server.metrics_url}"
     )
+    opened = f"open with header {ADMIN_HEADER}" if admin_key else f"closed (set {ADMIN_KEY_ENV})"
+    progress(
+        f"[serve] admin APIs (repository, shared memory, logging, trace, statistics): {opened}"
+    )
     progress(f"[serve] log: {server.log_path}; stop with Ctrl-C or SIGTERM")
     try:
-        while stop["signal"] is None and server.returncode is None:
+        while stop["signal"] is None:
             time.sleep(0.2)
     finally:
-        code = server.returncode
         progress("[serve] stopping ...")
-        server.stop()
-    if code is not None:
-        print(
-            f"[serve] tritonserver exited by itself with code {code}\n{server.log_tail()}",
-            file=sys.stderr,
-        )
-        return 1
+        supervisor.stop()
     progress("[serve] stopped")
     return 0
+
+
+def bls_thread_pool_size(repository: Path) -> int:
+    """Threads the python backend needs for the orchestrators' model calls: every orchestrator
+    instance's executor at once (``service.executor_threads``), and at least Triton's default."""
+    from driffusion.service import ServiceSettings, executor_threads
+
+    from .build import ORCHESTRATOR
+    from .config import parse_config
+
+    folder = Path(repository) / ORCHESTRATOR
+    config = parse_config((folder / "config.pbtxt").read_text())
+    instances = sum(g.count for g in config.instance_group)
+    return max(32, instances * executor_threads(ServiceSettings.load(folder / "1")))

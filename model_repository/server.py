@@ -69,6 +69,30 @@ class TritonServerError(RuntimeError):
     """The server could not be found, started or stopped."""
 
 
+# Triton's APIs that no client of the served model needs: closed unless the request carries
+# ADMIN_HEADER with the server's admin key (Triton's restricted-API feature). Health, metadata,
+# model config (read-only; perf_analyzer reads it) and inference stay open.
+ADMIN_APIS = ("model-repository", "shared-memory", "logging", "trace", "statistics")
+ADMIN_HEADER = "driffusion-admin-key"  # HTTP header; gRPC: triton-grpc-protocol-<this>
+ADMIN_KEY_ENV = "DRIFFUSION_ADMIN_KEY"
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One python-backend worker process (a model instance) of a running server."""
+
+    pid: int
+    model: str  # the model's folder name
+    instance: str  # Triton's instance name, e.g. denoiser_0_1
+    region: str  # its shared-memory region under /dev/shm
+    state: str  # /proc state letter: R, S, D, T (stopped), Z ...
+
+    @property
+    def serving(self) -> bool:
+        """Alive and not stopped: a stopped (T) worker takes requests and never answers."""
+        return self.state not in ("Z", "X", "T", "t")
+
+
 @dataclass(frozen=True)
 class TritonDistribution:
     """Files of the tritonserver shipped in the nvidia-pytriton wheel."""
@@ -167,7 +191,7 @@ def _terminate_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def live_group_members(pgid: int) -> list[int]:
+def live_group_members(pgid: int, include_stopped: bool = True) -> list[int]:
     """Pids of the non-zombie processes in process group ``pgid`` (Linux /proc)."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -176,7 +200,7 @@ def live_group_members(pgid: int) -> list[int]:
         except OSError:  # the process exited while we looked
             continue
         state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state not in ("Z", "X"):
+        if pgrp == pgid and state not in ("Z", "X") and (include_stopped or state not in "Tt"):
             members.append(int(stat.parent.name))
     return members
 
@@ -197,6 +221,10 @@ class TritonServer:
         stop_grace_s: after SIGTERM, ``stop()`` waits this long before SIGKILL.
         extra_args: appended to the tritonserver command line.
         cache_dir: where the backend directory is assembled (``paths.cache_dir()``).
+        admin_key: the secret that opens the admin APIs (``ADMIN_APIS``) to requests carrying
+            ``ADMIN_HEADER``; default: a random one, known only to this object (``admin_headers``).
+        thread_pool_size: the python backend's pool for BLS calls (its default is 32).
+        metrics_address: bind address of the metrics endpoint (default: ``address``).
         binary: a tritonserver binary of its own installation (NVIDIA's container:
             ``/opt/tritonserver/bin/tritonserver``), run with its own ``backends`` folder and the
             environment as it is; default: the nvidia-pytriton wheel's.
@@ -220,6 +248,9 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         cache_dir: str | os.PathLike | None = None,
         binary: str | os.PathLike | None = None,
+        admin_key: str | None = None,
+        thread_pool_size: int | None = None,
+        metrics_address: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -238,6 +269,11 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.binary = Path(binary) if binary is not None else None
+        if admin_key is not None and not re.fullmatch(r"[\x21-\x7e]{16,}", admin_key):
+            raise ValueError("admin_key must be at least 16 printable ASCII characters, no spaces")
+        self._admin_key = admin_key or secrets.token_urlsafe(24)
+        self.thread_pool_size = thread_pool_size
+        self.metrics_address = metrics_address or address
         if self.binary is not None and not self.binary.is_file():
             raise ValueError(f"binary: {self.binary} is not a file")
         # Unique per server: killed servers leave /dev/shm/<prefix>* behind and we remove them.
@@ -291,6 +327,16 @@ class TritonServer:
         return self._process.poll() if self._process is not None else None
 
     @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that open the admin APIs (gRPC metadata: ``grpc_admin_headers``)."""
+        return {ADMIN_HEADER: self._admin_key}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """gRPC metadata that opens the admin APIs (tritonclient's ``headers=``)."""
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self._admin_key}
+
+    @property
     def shm_prefix(self) -> str:
         """Python backend shared-memory prefix: regions are ``/dev/shm/<prefix>*``."""
         return self._shm_prefix
@@ -309,16 +355,22 @@ class TritonServer:
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=true",
-            f"--metrics-address={self.address}",
+            f"--metrics-address={self.metrics_address}",
             f"--metrics-port={self.metrics_port}",
+            f"--http-restricted-api={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self._admin_key}",
+            f"--grpc-restricted-protocol={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self._admin_key}",
             "--disable-auto-complete-config",
             f"--backend-config=python,shm-default-byte-size={self.shm_default_byte_size}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
         ]
-        if self.models is not None:
-            cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]
+        if self.thread_pool_size is not None:
+            cmd.append(f"--backend-config=python,thread-pool-size={self.thread_pool_size}")
+        # Explicit model control (with the repository API closed to all but the admin key), so a
+        # model whose worker died can be reloaded in place (``reload``).
+        models = ["*"] if self.models is None else self.models
+        cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
         return cmd + self.extra_args
 
     def start(self) -> TritonServer:
@@ -373,6 +425,48 @@ class TritonServer:
                     f"tritonserver not ready after {self.start_timeout_s:.0f} s\n{self.log_tail()}"
                 )
             time.sleep(0.05)
+
+    def stubs(self) -> list[Stub]:
+        """The python-backend worker processes of this server now (Linux /proc)."""
+        if self._process is None:
+            return []
+        out = []
+        for pid in live_group_members(self._process.pid, include_stopped=True):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            except OSError:  # it exited while we looked
+                continue
+            if len(argv) < 9 or not argv[0].endswith(b"triton_python_backend_stub"):
+                continue
+            model = Path(argv[1].decode()).parent.parent.name  # <repo>/<model>/<version>/model.py
+            out.append(Stub(pid, model, argv[8].decode(), argv[2].decode(), state))
+        return out
+
+    def reload(self, model: str, timeout_s: float = 300.0) -> float:
+        """Replace every instance of ``model`` with fresh workers, the old ones serving until the
+        new ones are ready; returns the seconds it took. A plain load of an unchanged model keeps
+        its instances, so the load carries the model's config with a new ``reload_nonce``
+        parameter (no file is touched: the repository may be read-only)."""
+        import json
+
+        start = time.monotonic()
+        base = f"http://{self._client_host}:{self.http_port}/v2"
+        config = json.loads(self._http("GET", f"{base}/models/{model}/config", None, timeout_s))
+        config.setdefault("parameters", {})["reload_nonce"] = {"string_value": secrets.token_hex(8)}
+        body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
+        self._http("POST", f"{base}/repository/models/{model}/load", body, timeout_s)
+        return time.monotonic() - start
+
+    def _http(self, method: str, url: str, body: bytes | None, timeout_s: float) -> bytes:
+        headers = {**self.admin_headers, "Content-Type": "application/json"}
+        request = urllib.request.Request(url, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise TritonServerError(f"{method} {url}: HTTP {exc.code}: {detail}") from exc
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it after ``stop_grace_s``, remove shared memory.

@@ -139,7 +139,8 @@ def parse_request(
     """
     unknown = sorted(set(values) - {f.name for f in INPUTS})
     if unknown:
-        raise ValueError(f"unknown input(s) {unknown}; inputs are {[f.name for f in INPUTS]}")
+        names = ", ".join(echo(n) for n in unknown[:3])
+        raise ValueError(f"unknown input(s) {names}; inputs are {[f.name for f in INPUTS]}")
     get = {f.name: _scalar(f, values.get(f.name)) for f in INPUTS}
     if get["prompt"] is None:
         raise ValueError("prompt is required: a BYTES tensor of shape [1] holding UTF-8 text")
@@ -228,8 +229,19 @@ def _choice(field: Field, value, default: str, allowed: tuple[str, ...]) -> str:
         return default
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     if text not in allowed:
-        raise ValueError(f"{field.name} must be one of {', '.join(allowed)}, got {text!r}")
+        raise ValueError(f"{field.name} must be one of {', '.join(allowed)}, got {echo(text)}")
     return text
+
+
+ECHO_CHARS = 40
+
+
+def echo(text: str) -> str:
+    """``repr(text)``, cut to ``ECHO_CHARS`` characters: an error never repeats a large value back
+    (a 100 KB value in a message made gRPC answer RESOURCE_EXHAUSTED instead of the error)."""
+    if len(text) <= ECHO_CHARS:
+        return repr(text)
+    return f"{text[:ECHO_CHARS]!r}... ({len(text)} characters)"
 
 
 def _size(field: Field, value, default: int, limits: Limits) -> int:

@@ -107,12 +107,18 @@ def _x0_processing(config) -> dict:
 
 def _alphabar_levels(scheduler, previous, final: float) -> tuple[tuple, tuple]:
     alphas = scheduler.alphas_cumprod.double()
-    levels, targets = [], []
-    for t in scheduler.timesteps.tolist():
-        prev = int(previous(int(t)))
-        levels.append(float(alphas[int(t)]))
-        targets.append(float(alphas[prev]) if prev >= 0 else final)
-    return tuple(levels), tuple(targets)
+    top = int(scheduler.timesteps.max())
+    if top >= len(alphas):  # e.g. DDIM, "leading" spacing, steps_offset=1 at S = 1000
+        raise ValueError(
+            f"{type(scheduler).__name__} with {scheduler.num_inference_steps} steps asks for "
+            f"timestep {top}, past the {len(alphas)} it was trained with: use fewer steps"
+        )
+    steps = [int(t) for t in scheduler.timesteps.tolist()]
+    table = alphas.tolist()  # python floats: indexing a list is far cheaper than a tensor
+    prev = [int(previous(t)) for t in steps]
+    levels = tuple(table[t] for t in steps)
+    targets = tuple(table[q] if q >= 0 else final for q in prev)
+    return levels, targets
 
 
 def _read_ddim(scheduler, *, eta, use_clipped_model_output) -> Schedule:
@@ -187,3 +193,17 @@ _READERS = {
     "EulerDiscreteScheduler": _read_euler,
     "FlowMatchEulerDiscreteScheduler": _read_flow,
 }
+
+
+def max_steps(scheduler, limit: int = 1000) -> int:
+    """The largest S <= ``limit`` such that every step count 1..S gives a valid schedule with
+    ``scheduler``'s configuration (DDIM with ``steps_offset=1`` and "leading" spacing stops at
+    999 of 1000: its 1000-step schedule would ask for timestep 1000). ``scheduler`` is left
+    with its timesteps set to the last count tried."""
+    for steps in range(1, limit + 1):
+        try:
+            scheduler.set_timesteps(steps)
+            Schedule.from_diffusers(scheduler)
+        except ValueError:
+            return steps - 1
+    return limit

@@ -44,6 +44,8 @@ from .tensors import (
 
 Infer = Callable[[str, Mapping[str, np.ndarray], tuple[str, ...]], Awaitable[dict[str, np.ndarray]]]
 SETTINGS_FILE = "settings.json"
+# Waits before the retries of a model call that failed in one instance (about 4 s in all).
+RETRY_DELAYS_S = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 TOKENIZER_DIRS = {TEXT_ENCODER: "tokenizer", TEXT_ENCODER_2: "tokenizer_2"}
 
 
@@ -285,13 +287,12 @@ class Orchestrator:
 
     def _with_deadline(self, infer: Infer, deadline: float) -> Infer:
         """``infer`` that gives up on a call after ``model_timeout_s`` (or at the request's
-        deadline) and retries a denoiser call that failed in one instance (crashed or hung) on the
-        others: the request completes on the remaining instances. A hung instance's late answer
-        is dropped."""
-        denoiser_retries = min(self.settings.denoiser_instances - 1, 2)
+        deadline) and retries a call that failed in one instance (a crashed or hung worker):
+        at once (another instance may take it), then after ``RETRY_DELAYS_S`` (the supervisor of
+        ``driffusion serve`` replaces a dead worker within about a second). A hung instance's late
+        answer is dropped."""
 
         async def call(model, inputs, outputs):
-            retries = denoiser_retries if model == DENOISER else 0
             attempt = 0
             while True:
                 left = deadline - time.monotonic()
@@ -310,11 +311,13 @@ class Orchestrator:
                     )
                 except ModelCallError as exc:
                     error = exc
-                if not error.retryable or attempt >= retries:
+                if not error.retryable or attempt >= len(RETRY_DELAYS_S):
                     raise error
+                delay = min(RETRY_DELAYS_S[attempt], max(deadline - time.monotonic(), 0.0))
                 attempt += 1
                 if self.on_retry is not None:
                     self.on_retry(model, str(error))
+                await asyncio.sleep(delay)
 
         return call
 

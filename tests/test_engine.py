@@ -300,10 +300,36 @@ def test_a_misbehaving_denoiser_is_named(bad, message):
 
 
 def test_stochastic_samplers_draw_the_same_noise_in_every_mode():
-    """DDPM: k=1 and sequential share z_i per step, and a generator seed reproduces the run."""
+    """DDPM: step i uses the noise z_i in every mode and k, drawn from one generator in step
+    order whatever order the engine asks for it in; k=1 then equals sequential, and the same
+    seed reproduces a run while another seed changes it."""
+    from driffusion.engine import StepNoise
+
     _, schedule, _ = build("ddpm-eps", 20)
     x, model = torch.randn(SHAPE), toy_model()
-    a = sample(model, x, schedule, "aggressive", k=4, generator=torch.Generator().manual_seed(5))
-    b = sample(model, x, schedule, "aggressive", k=4, generator=torch.Generator().manual_seed(5))
-    c = sample(model, x, schedule, "aggressive", k=4, generator=torch.Generator().manual_seed(6))
-    assert torch.equal(a.sample, b.sample) and not torch.equal(a.sample, c.sample)
+    z = [torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + i)) for i in range(20)]
+    used: dict[str, dict[int, torch.Tensor]] = {}
+    for mode, k in (("sequential", 1), ("aggressive", 1), ("aggressive", 4), ("conservative", 3)):
+        seen = used.setdefault(f"{mode}-{k}", {})
+        sample(model, x, schedule, mode, k=k, noise=lambda i, seen=seen: seen.setdefault(i, z[i]))
+    steps = set(used["sequential-1"])
+    assert all(set(u) == steps for u in used.values())  # the same steps draw noise in every mode
+
+    late_first = StepNoise(x, torch.Generator().manual_seed(5))
+    late_first(7)
+    in_order = StepNoise(x, torch.Generator().manual_seed(5))
+    assert all(torch.equal(late_first(i), in_order(i)) for i in range(10))  # drawn in step order
+
+    runs = {
+        (mode, k, seed): sample(
+            model, x, schedule, mode, k=k, generator=torch.Generator().manual_seed(seed)
+        ).sample
+        for mode, k, seed in (("sequential", 1, 5), ("aggressive", 1, 5), ("aggressive", 4, 5))
+        + (("aggressive", 4, 5), ("aggressive", 4, 6))
+    }
+    assert torch.equal(runs["sequential", 1, 5], runs["aggressive", 1, 5])
+    again = sample(
+        model, x, schedule, "aggressive", k=4, generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(runs["aggressive", 4, 5], again.sample)
+    assert not torch.equal(runs["aggressive", 4, 5], runs["aggressive", 4, 6])

@@ -1,6 +1,7 @@
-"""Faults under a real Triton server: a denoiser instance that crashes or hangs, a client that gives
-up. The faults are real: the instance's python-backend stub process is killed (SIGKILL) or frozen
-(SIGSTOP); nothing is mocked."""
+"""A hung denoiser instance under a bare Triton server (no supervisor, as on an engine that hangs
+inside a GPU call): the orchestrator gives up on the call after ``model_timeout_s`` and completes
+the request on another instance. The fault is real: the instance's process is frozen (SIGSTOP).
+Killed workers, deadlines and recovery under ``driffusion serve`` are in test_hostile.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import signal
 import time
 
 import pytest
-import tritonclient.grpc as grpcclient
 
-from driffusion.client import DriffusionClient, DriffusionError
+from driffusion.client import DriffusionClient
 from driffusion.model_repository.build import RepositorySettings, build_repository
 from driffusion.model_repository.server import (
     TritonServer,
@@ -59,24 +59,6 @@ def denoiser_stubs(server) -> list[int]:
     return stubs
 
 
-def denoiser_executions(server) -> int:
-    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("denoiser")
-    return stats.model_stats[0].execution_count
-
-
-def test_a_client_deadline_stops_the_work_of_its_request(server, client):
-    before = denoiser_executions(server)
-    with pytest.raises(DriffusionError, match="Deadline Exceeded"):
-        client.generate("slow", steps=50, mode="sequential", timeout_s=1.0)  # needs >= 5 s
-    time.sleep(1.0)  # let the round in flight finish
-    after_deadline = denoiser_executions(server)
-    time.sleep(1.5)
-    assert denoiser_executions(server) == after_deadline  # no more rounds once cancelled
-    assert after_deadline - before < 50
-    cancelled = metric_sum(server.metrics(), "driffusion_requests_total", outcome="cancelled")
-    assert cancelled == 1
-
-
 def test_a_hung_denoiser_instance_is_given_up_on_and_the_request_completes(server, client):
     stub = denoiser_stubs(server)[0]
     os.kill(stub, signal.SIGSTOP)  # the instance hangs: it takes requests and never answers
@@ -92,19 +74,3 @@ def test_a_hung_denoiser_instance_is_given_up_on_and_the_request_completes(serve
         assert metric_sum(server.metrics(), RETRIES, model="denoiser") >= 1
     finally:
         os.kill(stub, signal.SIGCONT)
-
-
-def test_a_crashed_denoiser_instance_fails_over_and_the_server_serves_on(server, client):
-    """The stub is killed between requests. (Killed in the middle of a request it can take the
-    whole server down in Triton 2.51: the backend aborts on a lock the dead stub held in shared
-    memory, seen here; ``driffusion serve`` restarts the server when that happens.)"""
-    stub = denoiser_stubs(server)[-1]
-    os.kill(stub, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while stub in denoiser_stubs(server) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for seed in range(3):  # every round has a shard for each instance, one of them dead
-        out = client.generate("after", steps=8, k=4, seed=seed, fanout="instances")
-        assert out.image.shape == (64, 64, 3) and out.rounds == 3
-    assert "is not healthy; retrying elsewhere" in server.log_path.read_text()
-    assert metric_sum(server.metrics(), RETRIES, model="denoiser") >= 3

@@ -28,8 +28,9 @@ def shm_bytes(prefix: str) -> int:
     return sum(p.stat().st_size for p in Path("/dev/shm").glob(f"{prefix}*"))
 
 
-def served(url: str) -> int:
-    stats = grpcclient.InferenceServerClient(url).get_inference_statistics("driffusion")
+def served(server) -> int:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    stats = client.get_inference_statistics("driffusion", headers=server.grpc_admin_headers)
     return stats.model_stats[0].inference_stats.success.count
 
 
@@ -56,10 +57,10 @@ def test_a_thousand_requests_are_each_answered_once_without_growth(server):
     rss, shm, before = (
         group_rss_mib(server.pid),
         shm_bytes(server.shm_prefix),
-        served(server.grpc_url),
+        served(server),
     )
     answers = burst(server.grpc_url, REQUESTS, 100)
     assert answers == [1] * REQUESTS  # one answer per request, none an error
-    assert served(server.grpc_url) - before == REQUESTS  # and the server counted each once
+    assert served(server) - before == REQUESTS  # and the server counted each once
     assert shm_bytes(server.shm_prefix) <= shm  # shared-memory regions did not grow
     assert group_rss_mib(server.pid) < rss * 1.10 + 50  # no leak beyond allocator noise
