@@ -11,7 +11,7 @@ device evaluates each round's drafts as one batch. Reported: the median latency 
 runs after a warm-up, rounds and the ideal speedup S / rounds, the measured speedup, the peak
 device memory and what DRiffusion adds to it, and the PSNR of the DRiffusion image against the
 sequential one from the same seed. ``--cuda-graphs`` replays the UNet from CUDA graphs, one per
-input shape, which removes the launch overhead (FACTS.md predicts about 1.4x at k=4 then; eager
+input shape, which removes the launch overhead (docs/facts.md predicts about 1.4x at k=4 then; eager
 runs are launch-bound at CFG batch 2 and gain more). ``--write`` puts the table into the ``gpu``
 section of BENCHMARKS.md (``gpu-graphs`` with ``--cuda-graphs``). Not a test.
 

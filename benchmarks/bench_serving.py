@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_serving.py [--profile sdxl|sd21|sd3|fixed] [--repeats 3]
 
 Serves the tiny SD2.1-like pipeline with every denoiser call padded to the latency that one H100
-measured for the named model (FACTS.md, cuda graphs: a stand-in for a TensorRT engine), as a
+measured for the named model (docs/facts.md, cuda graphs: a stand-in for a TensorRT engine), as a
 function of the call's batch rows (a CFG draft is 2 rows), so batching is modelled honestly:
 
 - *fan-out*: 8 denoiser instances (one GPU each); a round's drafts go one per instance;
@@ -39,7 +39,7 @@ STEPS = 50
 KS = range(1, 9)
 MODES = ("aggressive", "conservative")
 
-# FACTS.md: median ms per denoiser call on one H100 80GB, fp16, cuda graphs, by batch rows.
+# docs/facts.md: median ms per denoiser call on one H100 80GB, fp16, cuda graphs, by batch rows.
 H100_MS = {
     "sd21": ("SD2.1 768 px", {1: 14.2, 2: 21.3, 4: 34.3, 6: 46.9, 8: 60.1}),
     "sdxl": ("SDXL 1024 px", {1: 27.4, 2: 43.4, 4: 77.8, 6: 113.7, 8: 150.1}),
@@ -59,7 +59,7 @@ class Latency:
 
     @classmethod
     def fit(cls, table: dict[int, float]) -> Latency:
-        """Least-squares line through a batch-rows -> ms table (FACTS.md's are close to linear)."""
+        """Least-squares line through a batch-rows -> ms table (docs/facts.md: near linear)."""
         per_row, base = np.polyfit(list(table), list(table.values()), 1)
         return cls(float(base), float(per_row))
 
@@ -293,14 +293,14 @@ def main() -> None:
 
 Tiny SD2.1-like pipeline (random weights, 64 px) served by the real Triton server, S={STEPS}, CFG,
 one client. Every denoiser call is padded to the latency one H100 measured for {model}
-(FACTS.md, cuda graphs, fit {latency.base:.1f} ms + {latency.per_row:.2f} ms per batch row; a CFG
-draft is 2 rows), so a batch of drafts costs what it costs on one GPU. *fan-out*: 8 denoiser
+(docs/facts.md, cuda graphs, fit {latency.base:.1f} ms + {latency.per_row:.2f} ms per batch row;
+a CFG draft is 2 rows), so a batch of drafts costs what it costs on one GPU. *fan-out*: 8 denoiser
 instances (one GPU each), one draft per request; *hybrid*: 4 instances, k > 4 drafts spread over
 them in batches; *batch*: one request per round (one GPU). Latency is the gRPC client's, median of
 {args.repeats} after a warm-up, text encoding and VAE decoding included; *denoising speedup* is
 the server's denoising phase alone (sequential over this; text encoding, VAE decoding and transport
 left out: the part DRiffusion parallelizes). *ideal* = S / rounds
-(ALGORITHM.md); *device-bound* = the sequential run's device time over this run's (batching
+(docs/algorithm.md); *device-bound* = the sequential run's device time over this run's (batching
 costs); *overhead* = denoising time per round beyond the device time (drafting, refinement,
 guidance, the BLS round trips), {seq_overhead:.1f} ms for the sequential sampler. The tiny
 model's own CPU work (a GPU's, in production) starts 5 ms into each padded call

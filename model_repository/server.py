@@ -9,7 +9,7 @@ on stop.
     with TritonServer("model_repository/models", models=["denoiser"]) as server:
         client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
 
-What the stub needs (see FACTS.md): the wheel's ``nvidia_pytriton.libs`` on LD_LIBRARY_PATH
+What the stub needs (docs/facts.md): the wheel's ``nvidia_pytriton.libs`` on LD_LIBRARY_PATH
 (without it the server hangs), the folder of this interpreter's ``libpython3.x.so`` too (else it
 binds the system's), and this interpreter's ``bin`` first on PATH (that is how the stub finds the
 venv's packages).

@@ -1,4 +1,4 @@
-"""The draft-and-refine engine (ALGORITHM.md, "One draft-and-refine block").
+"""The draft-and-refine engine (docs/algorithm.md, "One block").
 
 The engine is a generator: it yields a :class:`Round` (the states to evaluate, already scaled the
 way the model sees them, with their timesteps) and is sent back the model outputs for that round.

@@ -1,4 +1,4 @@
-"""The jump operator J(x_i, e_i; tau_i -> tau_j) in closed form (ALGORITHM.md, "The jump operator").
+"""The jump operator J(x_i, e_i; tau_i -> tau_j) in closed form (docs/algorithm.md, "The jump").
 
 ``jump(schedule, x, e, i, j, z)`` moves the state ``x = x_i`` straight to step ``j > i`` with the
 one model output ``e = e_i``; ``step`` is the sampler's own update, exactly ``jump(i, i+1)``.

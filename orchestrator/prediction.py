@@ -4,7 +4,7 @@ Every conversion here is linear in the state ``x`` and the model output ``e``, s
 an :class:`Affine` pair of scalar coefficients; the jump operators fold them into their own
 coefficients and touch each tensor once or twice (this keeps host time per round low).
 
-Notation (ALGORITHM.md): ``a`` is alphabar of the state, ``sigma`` the Euler/flow noise level.
+Notation (docs/algorithm.md): ``a`` is alphabar of the state, ``sigma`` the Euler/flow noise level.
 
 alphabar space (DDIM, DDPM):
 - epsilon:       x0 = (x - sqrt(1-a) e) / sqrt(a);    eps = e

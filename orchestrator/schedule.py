@@ -25,7 +25,7 @@ _DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 @dataclass(frozen=True)
 class Schedule:
-    """One sampler run: S steps over timesteps ``tau_0 > ... > tau_{S-1}`` (ALGORITHM.md)."""
+    """One sampler run: S steps over timesteps ``tau_0 > ... > tau_{S-1}`` (docs/algorithm.md)."""
 
     kind: str  # "ddim" | "ddpm" | "euler" | "flow"
     timesteps: torch.Tensor  # (S,) what the model is called with, as the scheduler hands it out

@@ -73,7 +73,7 @@ def tiny_repository(tiny_pipeline_dir, tmp_path_factory):
     return build_repository(tiny_pipeline_dir, out, RepositorySettings(), progress=None)
 
 
-# --- opt-in slow tests (issue #4): tests marked `slow` run only with `pytest --run-slow` ---------
+# --- opt-in slow tests : tests marked `slow` run only with `pytest --run-slow` ---------
 
 
 def pytest_addoption(parser):

@@ -1,5 +1,5 @@
 """The draft-and-refine engine against its references: the sequential sampler, diffusers' own
-``step()``, the round formulas of ALGORITHM.md and an exact (analytic) denoiser."""
+``step()``, the round formulas of docs/algorithm.md and an exact (analytic) denoiser."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def reference(x: np.ndarray) -> np.ndarray:
 def affine_onnx(tmp_path_factory) -> Path:
     """y = 2x + 1 exported to ONNX with a dynamic batch axis, x: (B, 4) FP32."""
     path = tmp_path_factory.mktemp("onnx") / "affine.onnx"
-    with warnings.catch_warnings():  # the legacy exporter warns it is legacy (FACTS: use it)
+    with warnings.catch_warnings():  # the legacy exporter warns it is legacy (docs/facts.md)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             Affine(),
