@@ -290,7 +290,8 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"rounds {result.rounds}, evaluations {result.evaluations}")
     print(
         f"text {result.text_ms:.1f} ms, denoise {result.denoise_ms:.1f} ms, "
-        f"decode {result.decode_ms:.1f} ms; latency {result.latency_ms:.1f} ms (client)"
+        f"decode {result.decode_ms:.1f} ms (host work {result.host_ms:.1f} ms of the denoising); "
+        f"latency {result.latency_ms:.1f} ms (client)"
     )
     return 0
 

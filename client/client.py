@@ -52,6 +52,7 @@ class GenerateResult:
     text_ms: float  # server-side timings
     denoise_ms: float
     decode_ms: float
+    host_ms: float  # the orchestrator's own time within denoise_ms
     latency_ms: float  # client-measured wall time of the request
     request: dict[str, Any] = field(default_factory=dict)  # the inputs sent, by name
 

@@ -75,7 +75,14 @@ EVALUATIONS = Field("evaluations", "INT32", (1,), "states evaluated (about steps
 TEXT_MS = Field("text_ms", "FP32", (1,), "text encoding time, ms")
 DENOISE_MS = Field("denoise_ms", "FP32", (1,), "denoising time (all rounds), ms")
 DECODE_MS = Field("decode_ms", "FP32", (1,), "VAE decoding time, ms")
-OUTPUTS = (IMAGE, ROUNDS, EVALUATIONS, TEXT_MS, DENOISE_MS, DECODE_MS)
+HOST_MS = Field(
+    "host_ms",
+    "FP32",
+    (1,),
+    "the orchestrator's own time within denoise_ms (drafting, refinement, guidance, tensor "
+    "conversion), ms; the rest is waiting for the denoiser",
+)
+OUTPUTS = (IMAGE, ROUNDS, EVALUATIONS, TEXT_MS, DENOISE_MS, DECODE_MS, HOST_MS)
 
 NUMPY_DTYPES = {
     "BYTES": np.object_,

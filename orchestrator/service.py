@@ -127,6 +127,7 @@ class GenerateOutput:
     text_ms: float
     denoise_ms: float
     decode_ms: float
+    host_ms: float  # within denoise_ms: the orchestrator's own work, not waiting for the denoiser
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The model's outputs by their api names."""
@@ -137,6 +138,7 @@ class GenerateOutput:
             api.TEXT_MS.name: self.text_ms,
             api.DENOISE_MS.name: self.denoise_ms,
             api.DECODE_MS.name: self.decode_ms,
+            api.HOST_MS.name: self.host_ms,
         }
         return {
             f.name: np.asarray(values[f.name], dtype=api.NUMPY_DTYPES[f.dtype]).reshape(
@@ -235,6 +237,7 @@ class Orchestrator:
         k = k_spec(req.k, req.k_schedule)
         noise = StepNoise(x, generator) if schedule.stochastic else None
         denoiser = _DenoiserFeed(self.family, cond, cfg)
+        waited = [0.0]  # seconds spent awaiting denoiser calls
 
         async def evaluate(r: Round) -> torch.Tensor:
             if cancelled():
@@ -244,7 +247,7 @@ class Orchestrator:
                     f"request deadline exceeded before round {r.index} of a {req.steps}-step "
                     f"{req.mode} request"
                 )
-            return await self._evaluate(r, denoiser, req, infer)
+            return await self._evaluate(r, denoiser, req, infer, waited)
 
         result = await drive_async(draft_and_refine(x, schedule, req.mode, k, noise), evaluate)
         denoise_done = time.perf_counter()
@@ -259,6 +262,7 @@ class Orchestrator:
             evaluations=result.evaluations,
             text_ms=(text_done - start) * 1e3,
             denoise_ms=(denoise_done - text_done) * 1e3,
+            host_ms=(denoise_done - text_done - waited[0]) * 1e3,
             decode_ms=(end - denoise_done) * 1e3,
         )
 
@@ -344,7 +348,9 @@ class Orchestrator:
             self.family, text, req.height, req.width, empty_negative_row=empty_negative
         )
 
-    async def _evaluate(self, r: Round, denoiser: _DenoiserFeed, req, infer: Infer) -> torch.Tensor:
+    async def _evaluate(
+        self, r: Round, denoiser: _DenoiserFeed, req, infer: Infer, waited: list[float]
+    ) -> torch.Tensor:
         """The guided model outputs of one round, its states spread over the denoiser requests."""
         states = len(r.steps)
         parts = 1 if req.fanout == "batch" else self.settings.denoiser_instances
@@ -360,7 +366,9 @@ class Orchestrator:
             )
             for s in shards(states, parts)
         ]
+        start = time.perf_counter()
         results = await asyncio.gather(*calls)
+        waited[0] += time.perf_counter() - start
         out = torch.cat([torch.from_numpy(np.asarray(res[MODEL_OUTPUT])) for res in results])
         out = out.float()
         if denoiser.cfg:
