@@ -195,7 +195,8 @@ class Front:
         self._grpc_server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
         self._pool: _UpstreamPool | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: dict[asyncio.Task, _HttpConnection] = {}
+        self._closing = False
 
     # -- addresses -------------------------------------------------------------------------------
     @property
@@ -292,7 +293,8 @@ class Front:
                 options=[
                     ("grpc.max_receive_message_length", limits.max_request_bytes),
                     ("grpc.max_send_message_length", -1),
-                    ("grpc.max_metadata_size", limits.max_header_bytes),
+                    ("grpc.max_metadata_size", limits.max_header_bytes),  # soft: may refuse
+                    ("grpc.absolute_max_metadata_size", limits.max_header_bytes),  # hard: does
                     ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
                     ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
                 ],
@@ -306,14 +308,23 @@ class Front:
             await self._grpc_server.start()
 
     async def _close(self, grace_s: float) -> None:
+        """Stop listening; requests in flight get ``grace_s`` to finish (both protocols at
+        once), idle connections are closed at once."""
+        self._closing = True
         if self._http_server is not None:
             self._http_server.close()
-        for task in list(self._connections):
-            task.cancel()
+        for task, connection in list(self._connections.items()):
+            if not connection.busy:
+                task.cancel()
+        grpc_stopped = self._grpc_server.stop(grace_s) if self._grpc_server is not None else None
         if self._connections:
-            await asyncio.wait(self._connections, timeout=grace_s + 1)
-        if self._grpc_server is not None:
-            await self._grpc_server.stop(grace_s)
+            _, late = await asyncio.wait(list(self._connections), timeout=grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
+        if grpc_stopped is not None:
+            await grpc_stopped
         if self._channel is not None:
             await self._channel.close()
         if self._pool is not None:
@@ -322,13 +333,13 @@ class Front:
     # -- HTTP ------------------------------------------------------------------------------------
     async def _serve_http_connection(self, reader, writer) -> None:
         task = asyncio.current_task()
-        self._connections.add(task)
+        connection = self._connections[task] = _HttpConnection(self, reader, writer)
         try:
-            await _HttpConnection(self, reader, writer).serve()
+            await connection.serve()
         except (ConnectionError, asyncio.CancelledError, asyncio.TimeoutError):
             pass
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             writer.close()
 
     async def health(self, which: str) -> tuple[bool, str]:
@@ -417,6 +428,7 @@ class _HttpConnection:
     def __init__(self, front: Front, reader, writer) -> None:
         self.front, self.limits = front, front.limits
         self.reader, self.writer = reader, writer
+        self.busy = False  # a request is being read or answered
         self.conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes
         )
@@ -428,6 +440,7 @@ class _HttpConnection:
                 if isinstance(event, h11.ConnectionClosed):
                     return
                 assert isinstance(event, h11.Request), event
+                self.busy = True
                 self._check_header_size(event)
                 body = await self._read_body(event)
             except h11.RemoteProtocolError as exc:
@@ -449,7 +462,11 @@ class _HttpConnection:
             except _Refuse as refusal:  # before any response byte went out
                 await self._refuse_and_close(refusal)
                 return
-            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
+            self.busy = False
+            if self.front._closing or h11.MUST_CLOSE in (
+                self.conn.our_state,
+                self.conn.their_state,
+            ):
                 return
             self.conn.start_next_cycle()
 
@@ -758,9 +775,10 @@ class _GrpcProxy(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(self._unary(method))
 
     def _upstream_kwargs(self, context) -> dict:
+        remaining = context.time_remaining()  # no deadline reads as about 2**63 ns here
         return {
             "metadata": _forwardable(context.invocation_metadata()),
-            "timeout": context.time_remaining(),
+            "timeout": remaining if remaining is not None and remaining < 1e9 else None,
         }
 
     def _unary(self, method: str):

@@ -9,11 +9,11 @@ One Triton server for the module (python models: ``echo``, a ``slow`` one that w
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import socket
 import subprocess
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -383,7 +383,6 @@ def test_curl_json_and_errors_are_passed_through(server, front):
         direct = curl(*args, f"http://{server.http_url}{path}", data=data)
         through = curl(*args, f"http://{front.http_url}{path}", data=data)
         assert through == direct, path
-    assert json.loads(through[1] or b"{}") == {} or through[0] != 200
 
 
 def test_curl_gzip_and_deflate_bodies_are_inflated_for_triton(server, front):
@@ -446,21 +445,23 @@ def test_a_chunked_body_growing_past_the_limit_is_refused(front):
         sock.sendall(
             b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
-        with pytest.raises(OSError):  # the front answers and closes part-way through
+        with contextlib.suppress(OSError):  # the front may stop reading once refused
             for _ in range(2 * LIMIT // len(chunk)):
                 sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             sock.sendall(b"0\r\n\r\n")
-            read_response(sock)
-            raise OSError("not refused")  # pragma: no cover
-    # The refusal itself, on a connection that stops sending once it is over the limit.
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(
-            b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
-        for _ in range(LIMIT // len(chunk) + 1):
-            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         status, body = read_response(sock)
     assert status == 413 and "max_request_bytes" in json.loads(body)["error"]
+
+
+def test_an_idle_or_slow_connection_is_closed(server):
+    limits = FrontLimits(idle_timeout_s=0.3)
+    with Front(server.http_url, None, http_port=0, limits=limits) as front:
+        host, port = front.http_url.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # and no more
+            start = time.monotonic()
+            assert sock.recv(100) == b""
+            assert time.monotonic() - start < 2
 
 
 def test_oversized_and_malformed_headers(front):
@@ -655,6 +656,15 @@ def test_grpc_message_over_the_limit_is_resource_exhausted(front):
         assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
 
 
+def test_grpc_metadata_over_the_limit_is_resource_exhausted(front):
+    with grpcclient.InferenceServerClient(front.grpc_url) as client:
+        assert client.is_server_live(headers={"x-big": "a" * 30_000})
+        with pytest.raises(grpcclient.InferenceServerException) as info:
+            client.is_server_live(headers={"x-big": "a" * 70_000})
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert client.is_server_live()
+
+
 def test_grpc_cancellation_and_deadline_reach_the_model(front, slow_log):
     count = len(slow_records(slow_log))
     ms = grpcclient.InferInput("ms", [1], "INT32")
@@ -668,11 +678,17 @@ def test_grpc_cancellation_and_deadline_reach_the_model(front, slow_log):
         assert record["cancelled"] and record["slept"] < 2000
         assert time.monotonic() - start < 3
 
-        done = threading.Event()
-        future = client.async_infer("slow", [ms], callback=lambda result, error: done.set())
+        future = client.async_infer("slow", [ms], callback=lambda result, error: None)
         time.sleep(0.5)
         future.cancel()
         record = wait_for_record(slow_log, count + 2)
+        assert record["cancelled"] and record["slept"] < 2000
+
+        client.start_stream(callback=lambda result, error: None)
+        client.async_stream_infer("slow", [ms])
+        time.sleep(0.5)
+        client.stop_stream(cancel_requests=True)
+        record = wait_for_record(slow_log, count + 3)
         assert record["cancelled"] and record["slept"] < 2000
 
 
@@ -811,3 +827,51 @@ def test_translated_infer_keeps_restricted_api_headers(tmp_path, start_triton_se
             assert t == d
         assert d[0] == 200
     locked.stop()
+
+
+def test_deadline_metadata_and_status_reach_the_upstream_call_and_back():
+    """Triton does not report a call's deadline or the metadata it got, so a stand-in upstream
+    (a plain gRPC server) tells what arrived."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen = []
+
+    def model_infer(request, context):
+        seen.append((context.time_remaining(), dict(context.invocation_metadata())))
+        context.send_initial_metadata((("x-up-initial", "1"),))
+        if request == b"fail":
+            context.set_trailing_metadata((("x-up-trailer", "err"),))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "upstream says no")
+        context.set_trailing_metadata((("x-up-trailer", "ok"),))
+        return request[::-1]
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)},
+    )
+    upstream = grpc.server(ThreadPoolExecutor(2), handlers=[handler])
+    port = upstream.add_insecure_port("127.0.0.1:0")
+    upstream.start()
+    try:
+        with Front(None, f"127.0.0.1:{port}", grpc_port=0) as front:
+            with grpc.insecure_channel(front.grpc_url) as channel:
+                infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+                metadata = (("x-key", "v"), ("triton-grpc-protocol-admin-key", "s"))
+                response, call = infer.with_call(b"abc", timeout=3, metadata=metadata)
+                assert response == b"cba"
+                assert ("x-up-initial", "1") in call.initial_metadata()
+                assert ("x-up-trailer", "ok") in call.trailing_metadata()
+                with pytest.raises(grpc.RpcError) as info:
+                    infer(b"fail", metadata=metadata)
+                assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert info.value.details() == "upstream says no"
+                assert ("x-up-trailer", "err") in info.value.trailing_metadata()
+                with pytest.raises(grpc.RpcError) as info:
+                    channel.unary_unary("/other.Service/Method")(b"", timeout=3)
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        upstream.stop(0)
+    (remaining, got), (no_deadline, _) = seen
+    assert 2 < remaining <= 3  # the client's deadline, less the time spent on the way
+    assert no_deadline is None or no_deadline > 1e9  # none (gRPC reports it as 2**63 ns)
+    assert got["x-key"] == "v" and got["triton-grpc-protocol-admin-key"] == "s"
