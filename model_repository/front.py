@@ -29,6 +29,9 @@ loopback ports and puts a ``Front`` on the public ones:
   disconnect, but does on a cancelled gRPC call.
 
 The front runs its own asyncio loop in a background thread; ``start()`` returns once it listens.
+What it adds per call, measured on a 2-core box against a tiny python model (medians): HTTP
+passthrough 0.5 ms, HTTP /infer over gRPC 0.9 ms, gRPC 0.8 ms, of which grpc.aio itself (a bare
+grpc.aio proxy) accounts for all but about 0.1 ms.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
 import re
 import struct
 import threading
@@ -50,13 +54,13 @@ import h11
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+_log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 _READ = 64 * 1024
 _SERVICE = "/inference.GRPCInferenceService/"
 _SERVER_READY = _SERVICE + "ServerReady"
 _SERVER_LIVE = _SERVICE + "ServerLive"
 _MODEL_INFER = _SERVICE + "ModelInfer"
-_MODEL_STREAM_INFER = _SERVICE + "ModelStreamInfer"
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # grpc.health.v1.HealthCheckResponse{status}: field 1, varint; SERVING = 1, NOT_SERVING = 2.
 _HEALTH_SERVING, _HEALTH_NOT_SERVING = b"\x08\x01", b"\x08\x02"
@@ -232,8 +236,8 @@ class Front:
         return self
 
     def stop(self, grace_s: float = 1.0) -> None:
-        """Stop listening, end open connections and calls (after ``grace_s`` for gRPC);
-        idempotent."""
+        """Stop listening and close idle connections; requests in flight get ``grace_s`` to
+        finish, then they are cancelled (their upstream calls too); idempotent."""
         thread, loop = self._thread, self._loop
         if thread is None or loop is None:
             return
@@ -337,7 +341,9 @@ class Front:
         try:
             await connection.serve()
         except (ConnectionError, asyncio.CancelledError, asyncio.TimeoutError):
-            pass
+            pass  # the client went away, or the front stops, or an idle connection timed out
+        except Exception:
+            _log.exception("HTTP connection failed")
         finally:
             self._connections.pop(task, None)
             writer.close()
@@ -351,7 +357,7 @@ class Front:
         if self._pool is not None:
             try:
                 status = await self._pool.status(b"GET", f"/v2/health/{which}".encode())
-            except OSError as exc:
+            except (OSError, asyncio.TimeoutError) as exc:
                 return False, f"triton unreachable: {exc}"
             return status == 200, "" if status == 200 else f"triton is not {which} (HTTP {status})"
         method = _SERVER_READY if which == "ready" else _SERVER_LIVE
@@ -461,6 +467,9 @@ class _HttpConnection:
                 return
             except _Refuse as refusal:  # before any response byte went out
                 await self._refuse_and_close(refusal)
+                return
+            except (OSError, h11.ProtocolError) as exc:  # Triton's connection broke
+                await self._refuse_and_close(_Refuse(502, f"triton connection failed: {exc}"))
                 return
             self.busy = False
             if self.front._closing or h11.MUST_CLOSE in (
@@ -600,8 +609,6 @@ class _HttpConnection:
         )
         if has_body:
             headers.append((b"content-length", b"%d" % len(body)))
-        if self.front._pool is None:
-            raise _Refuse(404, "this front serves gRPC only")
         upstream = await self.front._pool.send(request.method, request.target, headers, body)
         try:
             response = upstream.response
@@ -696,6 +703,8 @@ class _UpstreamPool:
             try:
                 await conn.send(*events)
                 event = await conn.next_event()
+                while isinstance(event, h11.InformationalResponse):  # 1xx: not the answer
+                    event = await conn.next_event()
             except (OSError, h11.ProtocolError) as exc:
                 conn.close()
                 if reused:  # Triton closed an idle connection: try again on another one
@@ -758,21 +767,27 @@ def _forwardable(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[tu
 
 
 class _GrpcProxy(grpc.GenericRpcHandler):
-    """Every method of ``inference.GRPCInferenceService`` forwarded as raw bytes; the health
-    methods answered by the front."""
+    """Every method of ``inference.GRPCInferenceService`` (as tritonclient's descriptor lists
+    them) forwarded as raw bytes; the health methods answered by the front."""
 
     def __init__(self, front: Front) -> None:
         self.front = front
+        service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        self.handlers = {}
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            if method.client_streaming and method.server_streaming:  # ModelStreamInfer
+                handler = grpc.stream_stream_rpc_method_handler(self._stream(path))
+            elif not (method.client_streaming or method.server_streaming):
+                handler = grpc.unary_unary_rpc_method_handler(self._unary(path))
+            else:  # none in the protocol
+                continue
+            self.handlers[path] = handler
+        for path in (_SERVER_READY, _SERVER_LIVE, _HEALTH_CHECK):
+            self.handlers[path] = grpc.unary_unary_rpc_method_handler(self._health(path))
 
     def service(self, details):
-        method = details.method
-        if method in (_SERVER_READY, _SERVER_LIVE, _HEALTH_CHECK):
-            return grpc.unary_unary_rpc_method_handler(self._health(method))
-        if not method.startswith(_SERVICE):
-            return None  # UNIMPLEMENTED
-        if method == _MODEL_STREAM_INFER:
-            return grpc.stream_stream_rpc_method_handler(self._stream(method))
-        return grpc.unary_unary_rpc_method_handler(self._unary(method))
+        return self.handlers.get(details.method)  # None: UNIMPLEMENTED
 
     def _upstream_kwargs(self, context) -> dict:
         remaining = context.time_remaining()  # no deadline reads as about 2**63 ns here
@@ -782,10 +797,10 @@ class _GrpcProxy(grpc.GenericRpcHandler):
         }
 
     def _unary(self, method: str):
-        callable_ = self.front._channel.unary_unary(method)
+        upstream = self.front._channel.unary_unary(method)
 
         async def handler(request: bytes, context):
-            call = callable_(request, **self._upstream_kwargs(context))
+            call = upstream(request, **self._upstream_kwargs(context))
             try:
                 response = await call
             except grpc.aio.AioRpcError as exc:
@@ -799,10 +814,10 @@ class _GrpcProxy(grpc.GenericRpcHandler):
         return handler
 
     def _stream(self, method: str):
-        callable_ = self.front._channel.stream_stream(method)
+        upstream = self.front._channel.stream_stream(method)
 
         async def handler(request_iterator, context):
-            call = callable_(request_iterator, **self._upstream_kwargs(context))
+            call = upstream(request_iterator, **self._upstream_kwargs(context))
             try:
                 await context.send_initial_metadata(_forwardable(await call.initial_metadata()))
                 async for response in call:

@@ -354,18 +354,26 @@ def test_a_taken_port_fails_start_and_stop_is_idempotent(server):
 
 
 @pytest.mark.parametrize("binary", [True, False])
-def test_tritonclient_http_gets_what_triton_gives(server, front, binary):
+@pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
+def test_tritonclient_http_gets_what_triton_gives(server, front, xfront, binary, compression):
+    """Plain proxying and the translated /infer give tritonclient what Triton gives it; with
+    request and response compression too (the front inflates; it answers uncompressed)."""
     x = np.arange(5, dtype=np.float32)
     s = [b"abc", "d\u00e9f".encode()]
     answers = []
-    for url in (server.http_url, front.http_url):
+    for url in (server.http_url, front.http_url, xfront.http_url):
         with httpclient.InferenceServerClient(url) as client:
             outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in "ytn"]
-            result = client.infer("echo", echo_inputs(httpclient, x, s, binary), outputs=outputs)
+            result = client.infer(
+                "echo",
+                echo_inputs(httpclient, x, s, binary),
+                outputs=outputs,
+                request_compression_algorithm=compression,
+                response_compression_algorithm=compression,
+            )
             answers.append((result.get_response(), [result.as_numpy(n).tolist() for n in "ytn"]))
             answers.append(client.get_model_metadata("echo"))
-            assert client.is_model_ready("echo")
-    assert answers[0] == answers[2] and answers[1] == answers[3]
+    assert answers[0] == answers[2] == answers[4] and answers[1] == answers[3] == answers[5]
     np.testing.assert_array_equal(answers[2][1][0], 2 * x + 1)
 
 
