@@ -184,6 +184,13 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=8002, help="default %(default)s")
     g.add_argument("--log", type=Path, default=None, help="server log file (default: a temp file)")
     g.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=8.0,
+        help="largest request body or gRPC message accepted, after decompression "
+        "(default %(default)s)",
+    )
+    g.add_argument(
         "--tritonserver",
         type=Path,
         default=None,
@@ -269,6 +276,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         log=args.log,
         tritonserver=args.tritonserver,
+        max_request_mb=args.max_request_mb,
     )
     return serve(repository, options, progress=_say)
 

@@ -61,6 +61,26 @@ _SERVICE = "/inference.GRPCInferenceService/"
 _SERVER_READY = _SERVICE + "ServerReady"
 _SERVER_LIVE = _SERVICE + "ServerLive"
 _MODEL_INFER = _SERVICE + "ModelInfer"
+# Triton's python backend answers a request routed to a dead worker with this, before any of the
+# request ran: the front sends it again (the supervisor of ``driffusion serve`` replaces the
+# worker, and another instance can take it meanwhile), so no client sees that error.
+_UNHEALTHY = re.compile(r"Stub process '[^']*' is not healthy")
+_UNHEALTHY_RETRIES = 4
+
+
+async def _infer_with_retries(call_once):
+    """``await call_once()`` again while it fails on a dead worker (``_UNHEALTHY``)."""
+    for attempt in range(_UNHEALTHY_RETRIES + 1):
+        try:
+            return await call_once()
+        except grpc.aio.AioRpcError as exc:
+            unhealthy = exc.code() == grpc.StatusCode.INTERNAL and _UNHEALTHY.search(
+                exc.details() or ""
+            )
+            if not unhealthy or attempt == _UNHEALTHY_RETRIES:
+                raise
+
+
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # grpc.health.v1.HealthCheckResponse{status}: field 1, varint; SERVING = 1, NOT_SERVING = 2.
 _HEALTH_SERVING, _HEALTH_NOT_SERVING = b"\x08\x01", b"\x08\x02"
@@ -800,13 +820,22 @@ class _GrpcProxy(grpc.GenericRpcHandler):
         upstream = self.front._channel.unary_unary(method)
 
         async def handler(request: bytes, context):
-            call = upstream(request, **self._upstream_kwargs(context))
+            calls = []
+
+            async def once():
+                calls.append(upstream(request, **self._upstream_kwargs(context)))
+                return await calls[-1]
+
             try:
-                response = await call
+                if method == _MODEL_INFER:
+                    response = await _infer_with_retries(once)
+                else:
+                    response = await once()
             except grpc.aio.AioRpcError as exc:
                 await _abort_like(context, exc)
             finally:
-                call.cancel()  # a no-op once done; cancels upstream when the client cancelled us
+                calls[-1].cancel()  # a no-op once done; cancels upstream if the client left
+            call = calls[-1]
             await context.send_initial_metadata(_forwardable(await call.initial_metadata()))
             context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
             return response
@@ -922,9 +951,14 @@ async def _kserve_infer(front: Front, request, body: bytes, match):
         for name, value in request.headers
         if name not in _NOT_METADATA and value.isascii()
     )
-    call = front._channel.unary_unary(_MODEL_INFER)(message, metadata=metadata)
+    calls = []
+
+    async def once():
+        calls.append(front._channel.unary_unary(_MODEL_INFER)(message, metadata=metadata))
+        return await calls[-1]
+
     try:
-        raw = await call  # cancelled with this task when the client goes away
+        raw = await _infer_with_retries(once)  # cancelled with this task if the client leaves
     except grpc.aio.AioRpcError as exc:
         details = exc.details() or ""
         restricted = _RESTRICTED.match(details)
@@ -932,7 +966,7 @@ async def _kserve_infer(front: Front, request, body: bytes, match):
             return _json_answer(403, f"This API is restricted, expecting header '{restricted[1]}'")
         return _json_answer(_HTTP_STATUS.get(exc.code(), 400), details)
     finally:
-        call.cancel()
+        calls[-1].cancel()
     try:
         response = service_pb2.ModelInferResponse.FromString(raw)
         return _http_response(response, binary_outputs, binary_default)
@@ -1124,6 +1158,14 @@ def _raw(data, tensor) -> bytes:
     kind = float if datatype[0] == "F" else kind
     for value in values:
         _typed(value, kind, "data")
+    if kind in (int, _UInt):  # Triton's HTTP endpoint wraps these silently (2**32 + 4 -> 4)
+        info = np.iinfo(_NUMPY[datatype])
+        for value in values:
+            if not info.min <= value <= info.max:
+                raise _BadRequest(
+                    f"input '{_short(tensor.name, 60)}': {_short(str(value), 30)} is out of "
+                    f"range for {datatype} [{info.min}, {info.max}]"
+                )
     try:
         dtype = np.dtype(_NUMPY[tensor.datatype]).newbyteorder("<")
         return np.asarray(values, dtype=dtype).tobytes()

@@ -88,51 +88,85 @@ class ServerOptions:
     metrics_port: int = 8002
     log: Path | None = None  # server log file (default: a temp file)
     tritonserver: Path | None = None  # a tritonserver binary (default: the pytriton wheel's)
+    max_request_mb: float = 8.0  # largest request body / gRPC message, after decompression
+    drain_s: float = 10.0  # on SIGTERM: not ready at once, in-flight requests get this long
 
 
 def serve(repository: Path, options: ServerOptions, progress: Say = print) -> int:
-    """Run Triton on ``repository`` under a :class:`Supervisor` until SIGTERM or Ctrl-C; 0 when
-    stopped. The admin APIs open only to requests carrying the key in ``$DRIFFUSION_ADMIN_KEY``
-    (closed to everyone when it is not set)."""
-    from .server import ADMIN_HEADER, ADMIN_KEY_ENV, TritonServer
+    """Serve ``repository`` until SIGTERM or Ctrl-C; 0 when stopped.
+
+    Triton runs on loopback ports of its own under a :class:`Supervisor` (dead workers replaced,
+    a dead server restarted); a :class:`Front` takes the public HTTP and gRPC ports: it bounds
+    request sizes, answers the health endpoints with the supervisor's readiness, and lets an HTTP
+    client's disconnect cancel its request. The admin APIs open only to requests carrying the key
+    in ``$DRIFFUSION_ADMIN_KEY`` (closed to everyone when it is not set).
+    """
+    from .front import Front, FrontLimits
+    from .server import ADMIN_HEADER, ADMIN_KEY_ENV, TritonServer, find_free_ports
     from .supervisor import Supervisor
 
+    limits = FrontLimits(max_request_bytes=int(options.max_request_mb * 2**20))
     admin_key = os.environ.get(ADMIN_KEY_ENV) or None
+    internal_http, internal_grpc = find_free_ports(2)
     server = TritonServer(
         repository,
-        http_port=options.http_port,
-        grpc_port=options.grpc_port,
+        http_port=internal_http,
+        grpc_port=internal_grpc,
         metrics_port=options.metrics_port,
-        address=options.address,
+        address="127.0.0.1",
+        metrics_address=options.address,
         log_path=options.log,
         binary=options.tritonserver,
         admin_key=admin_key,
         thread_pool_size=bls_thread_pool_size(repository),
+        # a request at the size limit fits the python backend's region without growing it
+        shm_default_byte_size=max(16 * 2**20, 2 * limits.max_request_bytes),
     )
     supervisor = Supervisor(server, say=progress)
-    stop = {"signal": None}
+    stopping = {"signal": None}
+
+    def readiness():
+        if stopping["signal"] is not None:
+            return False, "shutting down"
+        return supervisor.readiness()
+
+    front = Front(
+        server.http_url,
+        server.grpc_url,
+        address=options.address,
+        http_port=options.http_port,
+        grpc_port=options.grpc_port,
+        limits=limits,
+        readiness=readiness,
+        liveness=supervisor.liveness,
+    )
 
     def on_signal(signum, _frame):
-        stop["signal"] = signum
+        stopping["signal"] = signum
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     progress(f"[serve] starting tritonserver on {repository} ...")
     supervisor.start()
-    progress(
-        f"[serve] ready: gRPC {server.grpc_url}  HTTP http://{server.http_url}  "
-        f"metrics {server.metrics_url}"
-    )
-    opened = f"open with header {ADMIN_HEADER}" if admin_key else f"closed (set {ADMIN_KEY_ENV})"
-    progress(
-        f"[serve] admin APIs (repository, shared memory, logging, trace, statistics): {opened}"
-    )
-    progress(f"[serve] log: {server.log_path}; stop with Ctrl-C or SIGTERM")
     try:
-        while stop["signal"] is None:
+        front.start()
+        progress(
+            f"[serve] ready: gRPC {front.grpc_url}  HTTP http://{front.http_url}  "
+            f"metrics {server.metrics_url}  (health: /v2/health/ready)"
+        )
+        opened = f"open with header {ADMIN_HEADER}" if admin_key else f"closed; set {ADMIN_KEY_ENV}"
+        progress(
+            f"[serve] admin APIs (repository, shared memory, logging, trace, statistics): {opened}"
+        )
+        progress(
+            f"[serve] requests up to {options.max_request_mb:g} MiB; log: {server.log_path}; "
+            "stop with Ctrl-C or SIGTERM"
+        )
+        while stopping["signal"] is None:
             time.sleep(0.2)
     finally:
-        progress("[serve] stopping ...")
+        progress("[serve] stopping: not ready, draining requests in flight ...")
+        front.stop(grace_s=options.drain_s)
         supervisor.stop()
     progress("[serve] stopped")
     return 0

@@ -11,6 +11,9 @@ some 500 failures its queue blocks for good. The supervisor watches the server's
   and Triton swaps to the new version when it is ready (``TritonServer.reload``);
 - a worker whose shared-memory region grew past ``shm_limit_bytes`` (large requests make the
   python backend grow it, and it never shrinks) is reloaded the same way, giving the memory back;
+- the workers a reload replaced normally exit within seconds; one that lingers past
+  ``retire_after_s`` is killed (in Triton 2.51 the unload of a version whose worker died while
+  requests were queued on it can hang for good, keeping its live workers and their memory);
 - when tritonserver itself exits, or a reload fails, the whole server is restarted.
 
 ``readiness()`` is False from the moment a worker is found dead until its replacement serves (and
@@ -49,6 +52,7 @@ class Event:
 class _State:
     watched: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> instance -> pid
     recovering: dict[str, str] = field(default_factory=dict)  # model -> why
+    retired: dict[int, float] = field(default_factory=dict)  # replaced worker pid -> kill time
     restarting: str | None = None  # why the whole server is restarting
 
 
@@ -69,6 +73,7 @@ class Supervisor:
         *,
         poll_s: float = 0.25,
         shm_limit_bytes: int | None = None,
+        retire_after_s: float = 15.0,
         say: Say = print,
     ) -> None:
         if poll_s <= 0:
@@ -76,6 +81,7 @@ class Supervisor:
         self.server = server
         self.poll_s = poll_s
         self.shm_limit_bytes = shm_limit_bytes or 4 * server.shm_default_byte_size
+        self.retire_after_s = retire_after_s
         self.say = say
         self.events: list[Event] = []
         self._state = _State()
@@ -151,6 +157,7 @@ class Supervisor:
             self._restart(f"tritonserver exited with code {code}")
             return
         stubs = {s.pid: s for s in self.server.stubs()}
+        self._kill_lingering(stubs)
         with self._lock:
             watched = {m: dict(i) for m, i in self._state.watched.items()}
             recovering = set(self._state.recovering)
@@ -178,6 +185,18 @@ class Supervisor:
                     self._recover(model, why)
                     break
 
+    def _kill_lingering(self, stubs: dict[int, Stub]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [pid for pid, at in self._state.retired.items() if at <= now or pid not in stubs]
+            for pid in due:
+                self._state.retired.pop(pid)
+        for pid in due:
+            if pid in stubs:
+                self._event("lingering", stubs[pid].model, f"killing replaced worker pid {pid}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
     def _recover(self, model: str, why: str) -> None:
         with self._lock:
             if model in self._state.recovering:
@@ -204,6 +223,8 @@ class Supervisor:
         with self._lock:
             if fresh:
                 self._state.watched[model] = fresh
+            deadline = time.monotonic() + self.retire_after_s
+            self._state.retired.update({pid: deadline for pid in before})
             self._state.recovering.pop(model, None)
         self._event("reloaded", model, f"{len(fresh)} fresh worker(s) serving in {seconds:.1f} s")
 

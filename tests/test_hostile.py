@@ -34,6 +34,7 @@ from driffusion.model_repository.build import RepositorySettings, build_reposito
 from driffusion.model_repository.server import ADMIN_HEADER, ADMIN_KEY_ENV, find_free_ports
 
 ADMIN_KEY = "hostile-test-admin-key-0123456789"
+INSTANCES = {"denoiser": 2, "driffusion": 2, "text_encoder": 1, "vae_decoder": 1}
 
 
 class Serve:
@@ -83,6 +84,12 @@ class Serve:
                 raise AssertionError(f"{what} not within {timeout_s} s; serve said:\n{tail}")
             time.sleep(0.1)
         return time.monotonic() - start
+
+    def current(self, model: str) -> list[int]:
+        """The workers of ``model`` once a reload's old ones have gone (one set of instances)."""
+        count = INSTANCES[model]
+        self.wait(lambda: len(self.stubs(model)) == count, 30, f"{count} {model} worker(s)")
+        return self.stubs(model)
 
     def stubs(self, model: str) -> list[int]:
         """Pids of the live worker processes of ``model``."""
@@ -259,6 +266,108 @@ def test_the_largest_step_count_works(serve, client):
         client.generate("x", steps=top + 1)
 
 
+# --- bounded memory -------------------------------------------------------------------------------
+
+LIMIT = 8 * 2**20  # driffusion serve's default --max-request-mb
+
+
+def shm_and_rss(serve) -> tuple[int, int]:
+    """(bytes of the python backend's /dev/shm regions, resident KiB of tritonserver)."""
+    (triton,) = triton_pids(serve)
+    regions = [p for p in Path("/dev/shm").glob("driffusion_*") if _owned(p, serve)]
+    status = Path(f"/proc/{triton}/status").read_text()
+    rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+    return sum(p.stat().st_size for p in regions), rss
+
+
+def _owned(region: Path, serve) -> bool:
+    return any(region.name.encode() in _cmdline(pid) for pid in _all_stub_pids(serve))
+
+
+def _all_stub_pids(serve) -> list[int]:
+    return [
+        pid
+        for model in ("driffusion", "denoiser", "text_encoder", "vae_decoder")
+        for pid in serve.stubs(model)
+    ]
+
+
+def triton_pids(serve) -> list[int]:
+    marker = f"--model-repository={serve.repository}".encode()
+    return [
+        pid
+        for pid in map(int, (p.name for p in Path("/proc").glob("[0-9]*")))
+        if b"tritonserver" in _cmdline(pid).split(b"\0")[0] and marker in _cmdline(pid)
+    ]
+
+
+@needs_curl
+def test_an_oversized_body_is_refused_before_triton_sees_it(serve, client, tmp_path):
+    before = shm_and_rss(serve)
+    big = tmp_path / "big.json"
+    prompt = "p" * (LIMIT + 1)
+    big.write_text(
+        json.dumps(
+            {"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": [prompt]}]}
+        )
+    )
+    status, text = curl(
+        "-X", "POST", "--data-binary", f"@{big}", f"{serve.http_url}/v2/models/driffusion/infer"
+    )
+    assert status == 413 and "max_request_bytes" in text
+    after = shm_and_rss(serve)
+    assert after[0] == before[0] and after[1] < before[1] + 16 * 1024  # no lasting growth
+    serves_normally(client)
+
+
+@needs_curl
+def test_a_gzip_bomb_is_refused_without_inflating_it(serve, client, tmp_path):
+    import gzip
+
+    before = shm_and_rss(serve)
+    bomb = tmp_path / "bomb.gz"
+    bomb.write_bytes(gzip.compress(b"[" + b" " * (2 * LIMIT) + b"]"))  # about 25 KB on disk
+    status, text = curl(
+        "-X",
+        "POST",
+        "-H",
+        "Content-Encoding: gzip",
+        "--data-binary",
+        f"@{bomb}",
+        f"{serve.http_url}/v2/models/driffusion/infer",
+    )
+    assert status == 413 and "inflated" in text
+    assert shm_and_rss(serve)[0] == before[0]
+    serves_normally(client)
+
+
+def test_an_oversized_grpc_message_is_refused(serve, client):
+    triton = grpcclient.InferenceServerClient(serve.grpc_url)
+    prompt = grpcclient.InferInput("prompt", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"p" * (LIMIT + 1)], dtype=object))
+    with pytest.raises(InferenceServerException) as err:
+        triton.infer("driffusion", [prompt])
+    assert "RESOURCE_EXHAUSTED" in str(err.value.status()) or "larger than max" in str(err.value)
+    serves_normally(client)
+
+
+def test_a_json_integer_past_int32_is_refused_not_wrapped(serve, client):
+    body = {
+        "inputs": [
+            {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["x"]},
+            {"name": "steps", "shape": [1], "datatype": "INT32", "data": [2**32 + 4]},
+        ]
+    }
+    request = urllib.request.Request(
+        f"{serve.http_url}/v2/models/driffusion/infer", data=json.dumps(body).encode()
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=60)
+    assert err.value.code == 400
+    assert "'steps'" in (text := err.value.read().decode()) and "out of range for INT32" in text
+    serves_normally(client)
+
+
 # --- bounded work ------------------------------------------------------------------------------
 
 
@@ -286,6 +395,33 @@ def test_a_grpc_client_deadline_stops_the_work_of_its_request(serve, client):
         client.generate("slow", steps=999, mode="sequential", timeout_s=1.0)
     stopped = settle(serve)
     assert stopped - before < 999  # the work stopped at a round, not at the end
+    serves_normally(client)
+
+
+def test_an_http_client_that_disconnects_stops_its_request(serve, client):
+    """Through the front an HTTP inference of driffusion travels to Triton over gRPC, so the
+    client's disconnect cancels it (Triton 2.51's own HTTP endpoint would run it to the end)."""
+    import socket
+
+    before = settle(serve)
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["slow"]},
+                {"name": "steps", "shape": [1], "datatype": "INT32", "data": [999]},
+                {"name": "mode", "shape": [1], "datatype": "BYTES", "data": ["sequential"]},
+            ]
+        }
+    ).encode()
+    for _ in range(3):  # more than the orchestrator instances: none may stay pinned
+        with socket.create_connection(("127.0.0.1", serve.http)) as sock:
+            sock.sendall(
+                b"POST /v2/models/driffusion/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
+            time.sleep(0.5)
+    stopped = settle(serve)
+    assert stopped - before < 3 * 999 // 2  # far from three whole 999-step requests
     serves_normally(client)
 
 
@@ -317,7 +453,7 @@ def test_the_kserve_timeout_parameter_bounds_an_http_request(serve, client):
 @pytest.mark.parametrize("model", ["denoiser", "vae_decoder", "text_encoder", "driffusion"])
 def test_a_killed_worker_is_replaced_and_requests_succeed_again(serve, client, model):
     serves_normally(client)
-    victim = serve.stubs(model)[0]
+    victim = serve.current(model)[0]
     os.kill(victim, signal.SIGKILL)
     serve.wait(lambda: not serve.ready(), 10, "readiness false after the kill")
     recovered = serve.wait(serve.ready, 60, "readiness back")
@@ -331,7 +467,7 @@ def test_a_killed_worker_is_replaced_and_requests_succeed_again(serve, client, m
 
 
 def test_requests_during_a_denoiser_recovery_are_not_lost(serve, client):
-    victim = serve.stubs("denoiser")[0]
+    victim = serve.current("denoiser")[0]
     errors, done = [], []
 
     def load():
@@ -352,7 +488,7 @@ def test_requests_during_a_denoiser_recovery_are_not_lost(serve, client):
 
 
 def test_a_stopped_worker_is_treated_as_dead(serve, client):
-    victim = serve.stubs("denoiser")[0]
+    victim = serve.current("denoiser")[0]
     os.kill(victim, signal.SIGSTOP)  # it would take requests and never answer
     serve.wait(lambda: victim not in serve.stubs("denoiser"), 20, "the stopped worker killed")
     serve.wait(serve.ready, 60, "readiness back")
