@@ -59,18 +59,21 @@ class GaussianMixture:
 
         return denoise
 
-    def denoiser_for(self, scheduler, prediction_type: str | None = None):
+    def denoiser_for(
+        self, scheduler, prediction_type: str | None = None, *, by_index: bool = False
+    ):
         """``denoise(x, t)`` exact at the noise level of the state each of ``scheduler``'s
         timesteps is evaluated at, in its prediction type (epsilon or v_prediction).
 
         Alphabar schedulers (DDIM, DDPM, PNDM) evaluate at ``alphas_cumprod[t]``; sigma schedulers
         (Euler, Euler ancestral, DPM-Solver++, UniPC) hand the model a VP state at sigma_i, i.e.
-        alphabar ``1 / (1 + sigma_i^2)``, which a Karras timestep (rounded) only approximates."""
+        alphabar ``1 / (1 + sigma_i^2)``, which a Karras timestep (rounded) only approximates.
+        Rounded Karras timesteps can repeat at two levels; ``by_index=True`` then takes ``t`` as
+        the index of the step (run the engine on a Schedule whose timesteps are
+        ``torch.arange(S)``)."""
         prediction_type = prediction_type or scheduler.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(
-                f"prediction_type must be epsilon or v_prediction, not {prediction_type}"
-            )
+            raise ValueError(f"prediction_type must be epsilon or v_prediction: {prediction_type}")
         if type(scheduler).__name__.startswith("FlowMatch"):
             raise ValueError("flow-matching states are not variance preserving: no exact eps here")
         times = [float(t) for t in scheduler.timesteps]
@@ -81,9 +84,12 @@ class GaussianMixture:
             alphas = scheduler.alphas_cumprod.double()
             levels = [float(alphas[int(t)]) for t in times]
         table: dict[float, float] = {}
-        for t, a in zip(times, levels, strict=True):
-            if table.setdefault(t, a) != a:
-                raise ValueError(f"timestep {t} is used at two noise levels: no exact denoiser")
+        for n, (t, a) in enumerate(zip(times, levels, strict=True)):
+            if table.setdefault(float(n) if by_index else t, a) != a:
+                raise ValueError(
+                    f"timestep {t} is used at two noise levels: use by_index=True for an exact "
+                    "denoiser"
+                )
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             a = torch.tensor([table[float(ti)] for ti in t], dtype=torch.float64)
