@@ -229,12 +229,14 @@ QUALITY = {  # the served sampler configurations, on the exact mixture
 @pytest.mark.parametrize("steps", [20, 30])
 @pytest.mark.parametrize("name", QUALITY)
 def test_drafts_keep_the_distribution_on_the_exact_mixture(mixture, name, steps):
-    """Sliced W1 to 4000 exact data draws stays within 5% of the sequential sampler's (which is
-    the floor: about 0.045-0.067 here, most of it finite-sample distance). Every run shares its
-    initial noise (and step noise), so the ratio moves only with what drafting changes; the
-    largest ratio measured is 1.04 (PNDM, aggressive k=4, S=20). Deterministic samplers also
-    stay within 4% of the sequential sample per point; Euler ancestral deviates more per point
-    (its noise enters every step), but its W1 goes down, not up (docs/samplers.md)."""
+    """Sliced W1 to 4000 exact data draws stays within 5% of the sequential sampler's. Every run
+    shares its initial noise (and step noise), so the ratio moves only with what drafting
+    changes. 4000 points keep this test at seconds; their finite-sample distance (the sequential
+    W1 is about 0.045-0.067 here, 0.026-0.034 with 10000) dilutes the ratio, so 5% here is a
+    looser bound than 5% in BENCHMARKS.md, where two k=4 cells reach +5.1% and +5.7%; the
+    largest ratio here is 1.04 (PNDM, aggressive k=4, S=20). Deterministic samplers also stay
+    within 4% of their sequential sample per point (at most 3.1% measured); Euler ancestral
+    deviates more per point (its noise enters every step) while its W1 goes down."""
     mix, data = mixture
     scheduler = QUALITY[name]()
     scheduler.set_timesteps(steps)
