@@ -39,6 +39,10 @@ CONFIGS = {  # name -> (scheduler class, config): the settings these samplers ar
         dict(**SD_BETAS, prediction_type="v_prediction", use_karras_sigmas=True),
     ),
     "dpmpp1": (DPMSolverMultistepScheduler, dict(**SD_BETAS, solver_order=1)),
+    "dpmpp2m-sigma-min-lower-order-final": (  # S < 15: the last step is first order
+        DPMSolverMultistepScheduler,
+        dict(**SD_BETAS, final_sigmas_type="sigma_min"),
+    ),
     "dpmpp2m-sigma-min": (
         DPMSolverMultistepScheduler,
         dict(**SD_BETAS, lower_order_final=False, final_sigmas_type="sigma_min"),
