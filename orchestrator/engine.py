@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .jumps import jump, step
+from .jumps import advance, jump_noise, observe
 from .schedule import Schedule
 
 MODES = ("sequential", "aggressive", "conservative")
@@ -27,6 +27,7 @@ MODES = ("sequential", "aggressive", "conservative")
 KSpec = int | Sequence[int] | Callable[[int, int], int]
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Noise = Callable[[int], torch.Tensor]
+PostStep = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,21 @@ def draft_and_refine(
     mode: str = "aggressive",
     k: KSpec = 4,
     noise: Noise | None = None,
+    *,
+    post_step: PostStep | None = None,
 ) -> Generator[Round, torch.Tensor, SampleResult]:
     """Run DRiffusion as a generator of rounds; returns the :class:`SampleResult`.
 
     ``noise(i)`` gives the noise z_i of sequential step i (stochastic samplers only). A draft
-    ``J(a -> j)`` uses z_{j-1}, so the first draft equals the refined ``Step(a)`` bit for bit.
+    ``J(a -> j)`` uses z_{j-1} (Euler ancestral: z_a .. z_{j-1}; see ``jumps.jump_noise``), so
+    the first draft equals the refined ``Step(a)`` bit for bit.
+    Multistep samplers carry a :class:`~driffusion.multistep.History` from step to step: a block's
+    drafts jump with the anchor's output and the refined history before the anchor, and the
+    refinement replays the sampler's own steps with the drafts' outputs.
+
+    ``post_step(x, i)``, when given, edits every state that lands on step i (0 < i < S), drafts
+    included, before it is evaluated or stepped from: what an inpainting pipeline's loop does to
+    the latents after each ``scheduler.step``.
     """
     blocks = plan(schedule.num_steps, mode, k)
     if schedule.stochastic and noise is None:
@@ -179,23 +190,32 @@ def draft_and_refine(
         _check_output(out, xs, len(rounds) - 1, steps)
         return out.view(states.shape)
 
-    state, anchor_out = x, None
+    def landed(state: torch.Tensor, i: int) -> torch.Tensor:
+        return post_step(state, i) if post_step is not None and i < schedule.num_steps else state
+
+    state, anchor_out, history = x, None, None
     for n, blk in enumerate(blocks):
         a = blk.anchor
         if blk.exact_anchor:
             (anchor_out,) = yield from evaluate(state[None], [a])
         # 1. draft xd_j = J(x_a, E_a; a -> j) for j = a+1 .. last_draft, straight into the round
+        #    (multistep samplers: with the refined history before the anchor)
+        at_anchor = observe(schedule, history, state, anchor_out, a)
         targets = list(range(a + 1, blk.last_draft + 1))
         drafts = state.new_empty((len(targets), *state.shape))  # (m, B, ...)
         for n_j, j in enumerate(targets):
-            jump(schedule, state, anchor_out, a, j, z(j - 1), out=drafts[n_j])
+            advance(schedule, at_anchor, a, j, jump_noise(schedule, z, a, j), out=drafts[n_j])
+            if post_step is not None:
+                drafts[n_j] = landed(drafts[n_j], j)
         # 2. evaluate every draft in ONE round
         outs = (yield from evaluate(drafts, targets)) if targets else []
         # 3. refine along the original trajectory: x_{a+1} = Step(x_a, E_a) == xd_{a+1}, then
-        #    x_{m+1} = Step(x_m, ed_m)
-        state = drafts[0] if targets else step(schedule, state, anchor_out, a, z(a))
+        #    x_{m+1} = Step(x_m, ed_m), the history taking in each draft output in turn
+        history = at_anchor
+        state = drafts[0] if targets else landed(advance(schedule, history, a, a + 1, z(a)), a + 1)
         for m in range(a + 1, blk.end):
-            state = step(schedule, state, outs[m - a - 1], m, z(m))
+            history = observe(schedule, history, state, outs[m - a - 1], m)
+            state = landed(advance(schedule, history, m, m + 1, z(m)), m + 1)
         # aggressive: noise caching, E_{a'} = ed_{a'} computed at the draft xd_{a'}
         if n + 1 < len(blocks) and not blocks[n + 1].exact_anchor:
             anchor_out = outs[blk.end - a - 1]

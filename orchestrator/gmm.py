@@ -59,6 +59,49 @@ class GaussianMixture:
 
         return denoise
 
+    def denoiser_for(
+        self, scheduler, prediction_type: str | None = None, *, by_index: bool = False
+    ):
+        """``denoise(x, t)`` exact at the noise level of the state each of ``scheduler``'s
+        timesteps is evaluated at, in its prediction type (epsilon or v_prediction).
+
+        Alphabar schedulers (DDIM, DDPM, PNDM) evaluate at ``alphas_cumprod[t]``; sigma schedulers
+        (Euler, Euler ancestral, DPM-Solver++, UniPC) hand the model a VP state at sigma_i, i.e.
+        alphabar ``1 / (1 + sigma_i^2)``, which a Karras timestep (rounded) only approximates.
+        Rounded Karras timesteps can repeat at two levels; ``by_index=True`` then takes ``t`` as
+        the index of the step (run the engine on a Schedule whose timesteps are
+        ``torch.arange(S)``)."""
+        prediction_type = prediction_type or scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be epsilon or v_prediction: {prediction_type}")
+        if type(scheduler).__name__.startswith("FlowMatch"):
+            raise ValueError("flow-matching states are not variance preserving: no exact eps here")
+        times = [float(t) for t in scheduler.timesteps]
+        if hasattr(scheduler, "sigmas"):
+            sigmas = scheduler.sigmas.double()
+            levels = [float(1.0 / (1.0 + sigmas[i] ** 2)) for i in range(len(times))]
+        else:
+            alphas = scheduler.alphas_cumprod.double()
+            levels = [float(alphas[int(t)]) for t in times]
+        table: dict[float, float] = {}
+        for n, (t, a) in enumerate(zip(times, levels, strict=True)):
+            if table.setdefault(float(n) if by_index else t, a) != a:
+                raise ValueError(
+                    f"timestep {t} is used at two noise levels: use by_index=True for an exact "
+                    "denoiser"
+                )
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            a = torch.tensor([table[float(ti)] for ti in t], dtype=torch.float64)
+            eps = self.eps(x, a)
+            if prediction_type == "epsilon":
+                return eps
+            sa, sb = a.sqrt()[:, None], (1 - a).sqrt()[:, None]
+            x0 = (x.double() - sb * eps.double()) / sa
+            return (sa * eps.double() - sb * x0).to(x.dtype)  # v = sqrt(a) eps - sqrt(1-a) x0
+
+        return denoise
+
 
 def mean_relative_deviation(x: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean over samples of ||x - ref|| / ||ref||."""

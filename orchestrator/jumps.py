@@ -2,7 +2,12 @@
 
 ``jump(schedule, x, e, i, j, z)`` moves the state ``x = x_i`` straight to step ``j > i`` with the
 one model output ``e = e_i``; ``step`` is the sampler's own update, exactly ``jump(i, i+1)``.
-Both are pure functions: stochastic samplers take their noise ``z`` explicitly.
+Both are pure functions: stochastic samplers take their noise ``z`` explicitly, multistep samplers
+(DPM-Solver++, UniPC, PLMS; :mod:`~driffusion.multistep`) the :class:`History` of step i-1.
+
+Every step is split in two pure functions, which the engine calls separately so that a block's
+drafts share one ``observe``: ``observe`` takes in the model output at step i (a no-op for the
+one-step samplers here), ``advance`` moves from step i to step j.
 
 Levels come from :class:`~driffusion.schedule.Schedule`: ``a_i = levels[i]`` is the level step i
 starts from and ``a_j = targets[j-1]`` the level the sequential step j-1 lands on.
@@ -14,15 +19,22 @@ import math
 
 import torch
 
-from .prediction import Affine, alpha_space, eps_from_x0, sigma_space
+from . import multistep
+from .multistep import History
+from .prediction import Affine, alpha_space, eps_from_x0, process_x0, sigma_space
 from .schedule import Schedule
 
 
 def step(
-    schedule: Schedule, x: torch.Tensor, e: torch.Tensor, i: int, z: torch.Tensor | None = None
+    schedule: Schedule,
+    x: torch.Tensor,
+    e: torch.Tensor,
+    i: int,
+    z: torch.Tensor | None = None,
+    history: History | None = None,
 ) -> torch.Tensor:
     """The original sampler's update ``Step(x_i, e_i; tau_i -> tau_{i+1})``."""
-    return jump(schedule, x, e, i, i + 1, z)
+    return jump(schedule, x, e, i, i + 1, z, history=history)
 
 
 def jump(
@@ -33,14 +45,54 @@ def jump(
     j: int,
     z: torch.Tensor | None = None,
     *,
+    history: History | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``J(x_i, e_i; tau_i -> tau_j)`` for ``0 <= i < j <= S``; ``z`` is the noise of a stochastic
-    sampler (DDPM, DDIM with eta > 0), ignored by deterministic ones. ``out`` receives the result
-    when given (the engine drafts straight into its round buffer)."""
+    sampler (DDPM, DDIM with eta > 0, Euler ancestral), ignored by deterministic ones; ``history``
+    is what a multistep sampler carried out of step i-1 (``observe``), ignored by the others.
+    ``out`` receives the result when given (the engine drafts straight into its round buffer)."""
+    return advance(schedule, observe(schedule, history, x, e, i), i, j, z, out=out)
+
+
+def jump_noise(schedule: Schedule, noise, i: int, j: int):
+    """The noise a jump i -> j takes, from ``noise(m) -> z_m`` (the sequential steps' noise):
+    z_{j-1} (DDPM, DDIM with eta > 0: the last step's), all of z_i .. z_{j-1} (Euler ancestral:
+    one per step jumped over), ``None`` for deterministic samplers."""
+    if not schedule.stochastic:
+        return None
+    if schedule.kind == "euler_ancestral":
+        return tuple(noise(m) for m in range(i, j))
+    return noise(j - 1)
+
+
+def observe(
+    schedule: Schedule, history: History | None, x: torch.Tensor, e: torch.Tensor, i: int
+) -> History:
+    """What the sampler carries out of step i, given the model output ``e`` at the state ``x``
+    and the :class:`History` of step i-1 (multistep samplers only; ``None`` at i == 0)."""
+    if schedule.kind in multistep.KINDS:
+        return multistep.observe(schedule, history, x, e, i)
+    return History(x, e)
+
+
+def advance(
+    schedule: Schedule,
+    history: History,
+    i: int,
+    j: int,
+    z: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sampler's update from step i (its :func:`observe` result) to step j, ``j = i + 1``
+    being the sequential step and ``j > i + 1`` the jump."""
     if not 0 <= i < j <= schedule.num_steps:
         raise ValueError(f"jump needs 0 <= i < j <= {schedule.num_steps}, got i={i}, j={j}")
-    result = _OPERATORS[schedule.kind](schedule, x, e, i, j, z, out)
+    if schedule.kind in multistep.KINDS:
+        result = multistep.update(schedule, history, i, j, out)
+    else:
+        result = _OPERATORS[schedule.kind](schedule, history.start, history.output, i, j, z, out)
     if out is not None and result is not out:
         out.copy_(result)
         return out
@@ -48,18 +100,7 @@ def jump(
 
 
 def _process_x0(schedule: Schedule, x0: torch.Tensor) -> torch.Tensor:
-    """Clipping or dynamic thresholding of x0, exactly as the diffusers ``step()`` does it."""
-    if schedule.threshold is not None:
-        return _dynamic_threshold(x0, *schedule.threshold)
-    return x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
-
-
-def _dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
-    """Imagen's dynamic thresholding (diffusers ``_threshold_sample``): per sample, clamp to the
-    ``ratio`` quantile of |x0| (at least 1, at most ``max_value``) and divide by it."""
-    flat = x0.float().reshape(x0.shape[0], -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
-    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+    return process_x0(x0, schedule.clip_sample_range, schedule.threshold)
 
 
 def _needs_x0(schedule: Schedule) -> bool:
@@ -120,9 +161,45 @@ def _euler(schedule: Schedule, x, e, i: int, j: int, z, out=None):
     return Affine(1 + dt * (1 - x0.cx) / s_i, -dt * x0.ce / s_i)(x, e, out)
 
 
+def _euler_ancestral(schedule: Schedule, x, e, i: int, j: int, z, out=None):
+    # One step l from s_l to s_{l+1} (k-diffusion sample_euler_ancestral), d = (x_l - x0)/s_l:
+    #   sigma_up = sqrt(s_{l+1}^2 (s_l^2 - s_{l+1}^2) / s_l^2),
+    #   sigma_down = sqrt(s_{l+1}^2 - sigma_up^2),
+    #   x_{l+1} = x_l + (sigma_down - s_l) d + sigma_up z_l
+    #           = x0 + (sigma_down / s_l)(x_l - x0) + sigma_up z_l
+    # The jump i -> j runs these steps with x0 frozen at x_i's estimate, each with its own z_l:
+    #   x_j = x0 + c (x_i - x0) + sum_l w_l z_l,  c = prod_l sigma_down_l / s_l,
+    #   w_l = sigma_up_l prod_{m > l} sigma_down_m / s_m
+    # so a draft carries the very noise the refined steps add (z_i .. z_{j-1}).
+    zs = (z,) if isinstance(z, torch.Tensor) or z is None else tuple(z)
+    if len(zs) != j - i or any(n is None for n in zs):
+        raise ValueError(
+            f"Euler ancestral jump {i} -> {j} is stochastic: pass the {j - i} step noises "
+            f"z_{i} .. z_{j - 1}"
+        )
+    c, weights = 1.0, []
+    for m in range(i, j):
+        s_from, s_to = schedule.levels[m], schedule.targets[m]
+        sigma_up = math.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from))
+        ratio = math.sqrt(max(s_to * s_to - sigma_up * sigma_up, 0.0)) / s_from  # sigma_down / s
+        weights = [w * ratio for w in weights] + [sigma_up]
+        c *= ratio
+    x0 = sigma_space(schedule.prediction_type, schedule.levels[i])
+    out = Affine(c + (1 - c) * x0.cx, (1 - c) * x0.ce)(x, e, out)
+    for w, n in zip(weights, zs, strict=True):
+        out = out.add_(n, alpha=w)
+    return out
+
+
 def _flow(schedule: Schedule, x, v, i: int, j: int, z, out=None):
     # x_j = x_i + (sigma_j - sigma_i) v_i      (rectified flow, Euler)
     return torch.add(x, v, alpha=schedule.targets[j - 1] - schedule.levels[i], out=out)
 
 
-_OPERATORS = {"ddim": _ddim, "ddpm": _ddpm, "euler": _euler, "flow": _flow}
+_OPERATORS = {
+    "ddim": _ddim,
+    "ddpm": _ddpm,
+    "euler": _euler,
+    "euler_ancestral": _euler_ancestral,
+    "flow": _flow,
+}

@@ -5,11 +5,19 @@ in place of its denoiser and scheduler:
 
 - the first denoiser call of a run is the pipeline's own (it yields the anchor output E_0); the
   stand-in records its conditioning (text embeddings, SDXL's added conditions, SD3's pooled
-  projections);
+  projections, an inpainting UNet's mask and masked-image channels);
 - at the first ``scheduler.step`` the whole run is sampled by the draft-and-refine engine; each
   round's states are evaluated with classifier-free guidance, split across the replicas of the
   denoiser (one per device, concurrently) or as one batch when a single device is given;
 - the pipeline's remaining steps replay the final state without touching the model.
+
+Timesteps: a pipeline walks a contiguous slice of ``scheduler.timesteps`` (img2img and inpainting
+start at ``strength``'s tail, SDXL's ``denoising_end`` stops early). The slice is read from the
+first step's timestep, the pipeline's ``num_timesteps`` and the scheduler's begin index; every
+later step's timestep is checked against it. Inpainting with a 4-channel denoiser blends the known
+region back after every step: the blend is applied to every state the engine lands on (drafts
+included), with the mask, image latents and noise recorded from the pipeline's own preparation.
+Only the pipeline classes whose loops this was checked against are accepted (``PIPELINES``).
 
 ``pipe.driffusion`` holds the settings and ``last_result`` (rounds, evaluations); ``restore()``
 puts the original denoiser and scheduler back.
@@ -27,9 +35,23 @@ import torch
 
 from .engine import KSpec, Round, SampleResult, StepNoise, draft_and_refine, drive, validate
 from .guidance import combine_cfg, rows, shards, with_cfg
+from .prediction import vp_alpha_sigma
+from .samplers import check_supported
 from .schedule import Schedule
 
 _DENOISER_NAMES = ("unet", "transformer")
+# The pipelines whose denoising loops parallelize is known to reproduce (k=1 equals the pipeline)
+PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusion3Pipeline",
+    "StableDiffusion3Img2ImgPipeline",
+    "StableDiffusion3InpaintPipeline",
+)
 
 
 def parallelize(
@@ -43,17 +65,29 @@ def parallelize(
     ``devices``: one torch device per denoiser replica; a round's states are spread over them and
     evaluated concurrently. ``None`` or a single device evaluates each round as one batch on the
     pipeline's own device.
+
+    Raises ``ValueError`` for a pipeline class outside ``PIPELINES`` or a scheduler DRiffusion
+    cannot run (:func:`~driffusion.samplers.check_supported`), before patching anything.
     """
     validate(mode, k)
+    pipeline_class = type(pipe).__name__
+    if pipeline_class not in PIPELINES:
+        raise ValueError(
+            f"parallelize does not know the denoising loop of {pipeline_class}; "
+            f"supported pipelines: {', '.join(PIPELINES)}"
+        )
     name = next((n for n in _DENOISER_NAMES if getattr(pipe, n, None) is not None), None)
     if name is None:
         raise ValueError("pipeline has neither a unet nor a transformer: nothing to parallelize")
     if isinstance(getattr(pipe, name), DraftingDenoiser):
         pipe.driffusion.restore()
+    check_supported(pipe.scheduler)
     controller = Controller(pipe, name, devices, mode, k)
     object.__setattr__(pipe, name, DraftingDenoiser(getattr(pipe, name), controller))
     object.__setattr__(pipe, "scheduler", DraftingScheduler(pipe.scheduler, controller))
     object.__setattr__(pipe, "driffusion", controller)
+    if "Inpaint" in pipeline_class:
+        controller.record_inpainting_inputs()
     return pipe
 
 
@@ -76,27 +110,121 @@ class Controller:
 
     def _reset(self) -> None:
         self.conditioning: dict[str, Any] | None = None  # kwargs of the pipeline's first call
+        self.first_input: torch.Tensor | None = None  # the denoiser input of that call
+        self.first_timestep: float | None = None
+        self.extra_channels: torch.Tensor | None = None  # inpainting UNet: mask, masked image
         self.final: torch.Tensor | None = None
-        self.steps_left = 0
+        self.timesteps: list[float] = []  # the slice the pipeline walks, checked step by step
+        self.steps_done = 0
 
     def restore(self) -> None:
         """Put the pipeline's own denoiser and scheduler back."""
         object.__setattr__(self.pipe, self.denoiser_name, self.original)
         object.__setattr__(self.pipe, "scheduler", self.original_scheduler)
+        for method in ("prepare_latents", "prepare_mask_latents"):
+            self.pipe.__dict__.pop(method, None)
         if self.pool is not None:
             self.pool.shutdown()
 
+    def record_inpainting_inputs(self) -> None:
+        """Record what an inpainting pipeline's loop blends with (4-channel denoisers): the mask
+        and masked-image latents of ``prepare_mask_latents``, the image latents and noise of
+        ``prepare_latents``. The pipeline's own methods run unchanged."""
+        self.inpainting: dict[str, torch.Tensor] = {}
+        pipe, record = self.pipe, self.inpainting
+        prepare_latents, prepare_mask_latents = pipe.prepare_latents, pipe.prepare_mask_latents
+
+        @functools.wraps(prepare_latents)
+        def recording_latents(*args, **kwargs):
+            out = prepare_latents(*args, **kwargs)
+            if isinstance(out, tuple) and len(out) == 3:  # (latents, noise, image_latents)
+                record["noise"], record["image_latents"] = out[1], out[2]
+            return out
+
+        @functools.wraps(prepare_mask_latents)
+        def recording_mask(*args, **kwargs):
+            out = prepare_mask_latents(*args, **kwargs)
+            record["mask"] = out[0]  # (CFG: 2B rows, uncond first, as the pipeline builds it)
+            return out
+
+        object.__setattr__(pipe, "prepare_latents", recording_latents)
+        object.__setattr__(pipe, "prepare_mask_latents", recording_mask)
+
     # -- the run -----------------------------------------------------------------------------
-    def run(self, anchor_output, sample, eta, generator) -> torch.Tensor:
+    def walked_slice(self, scheduler, timestep) -> tuple[int, int]:
+        """(begin, end) of the slice of ``scheduler.timesteps`` this run walks, or ValueError."""
+        timesteps = [float(t) for t in scheduler.timesteps]
+        first = float(timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep)
+        count = getattr(self.pipe, "_num_timesteps", None)
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(
+                f"{type(self.pipe).__name__} did not say how many steps it runs "
+                "(num_timesteps): parallelize cannot tell which timesteps it walks"
+            )
+        begin_index = getattr(scheduler, "begin_index", None)
+        if begin_index is not None:
+            begin = int(begin_index)
+        elif hasattr(scheduler, "index_for_timestep") and first in timesteps:
+            begin = int(scheduler.index_for_timestep(timestep.flatten()[0]))
+        elif first in timesteps and timesteps.count(first) == 1:
+            begin = timesteps.index(first)
+        else:  # a repeated timestep (PNDM): the pipeline walks the tail of the list
+            begin = len(timesteps) - count
+        end = begin + count
+        if not (0 <= begin < end <= len(timesteps) and timesteps[begin] == first):
+            raise ValueError(
+                f"{type(self.pipe).__name__} stepped first at timestep {first} and runs {count} "
+                f"steps, which is no slice of the scheduler's {len(timesteps)} timesteps: "
+                "parallelize does not understand this timestep handling"
+            )
+        if self.first_timestep is not None and self.first_timestep != first:
+            raise ValueError(
+                f"the denoiser was first called at timestep {self.first_timestep} but the first "
+                f"scheduler step is at {first}: parallelize does not understand this pipeline"
+            )
+        return begin, end
+
+    def run(self, anchor_output, timestep, sample, eta, generator) -> torch.Tensor:
         scheduler = self.original_scheduler
-        schedule = Schedule.from_diffusers(scheduler, eta=eta or 0.0)
+        begin, end = self.walked_slice(scheduler, timestep)
+        schedule = Schedule.from_diffusers(scheduler, eta=eta or 0.0, begin=begin, end=end)
+        self.timesteps = [float(t) for t in schedule.timesteps]
+        channels = sample.shape[1]
+        if self.first_input is not None and self.first_input.shape[1] > channels:
+            self.extra_channels = self.first_input[:, channels:]  # (B or 2B, extra, h, w)
+        post_step = self._inpainting_blend(schedule, sample)
         noise = StepNoise(sample, generator) if schedule.stochastic else None
-        engine = draft_and_refine(sample, schedule, self.mode, self.k, noise)
+        engine = draft_and_refine(sample, schedule, self.mode, self.k, noise, post_step=post_step)
         # round 0 is the pipeline's own call: its output is the anchor output
         self.last_result = drive(
             engine, lambda r: anchor_output if r.index == 0 else self.evaluate(r)
         )
         return self.last_result.sample
+
+    def _inpainting_blend(self, schedule: Schedule, sample: torch.Tensor):
+        """The 4-channel inpainting loop's per-step blend as an engine ``post_step``:
+        x <- (1 - m) * noised(image_latents, step i) + m * x, the image noised with the
+        pipeline's own noise to the level of step i as the scheduler's ``add_noise`` does."""
+        record = getattr(self, "inpainting", None)
+        if record is None or self.extra_channels is not None:  # not inpainting, or 9 channels
+            return None
+        if not {"mask", "noise", "image_latents"} <= set(record):
+            raise ValueError(
+                f"{type(self.pipe).__name__}: the inpainting mask, image latents or noise were not "
+                "prepared the way parallelize expects"
+            )
+        mask = record["mask"]
+        if mask.shape[0] != sample.shape[0]:  # CFG doubled it: the uncond half is the mask
+            mask = mask.chunk(2)[0]
+        image, noise = record["image_latents"], record["noise"]
+        coefficients = _noising(self.original_scheduler, schedule)
+
+        def blend(x: torch.Tensor, i: int) -> torch.Tensor:
+            c0, cn = coefficients[i]
+            known = image * c0 + noise * cn
+            return (1 - mask) * known + mask * x
+
+        return blend
 
     def evaluate(self, r: Round) -> torch.Tensor:
         """Guided model outputs for all states of a round, spread over the replicas."""
@@ -123,12 +251,28 @@ class Controller:
         x, t = x.to(device), t.to(device)
         if cfg:  # per state [x, x]: uncond rows first, as the pipeline does
             x, t = with_cfg(x, states), with_cfg(t, states)
+        if self.extra_channels is not None:  # inpainting UNet: [state, mask, masked image]
+            extra = self.extra_channels.to(device)
+            x = torch.cat([x, extra.repeat(states, *[1] * (extra.ndim - 1))], dim=1)
         kwargs = _tile(self.conditioning, states, device)
         out = _call(replica, self.denoiser_name, x, t, kwargs)
         if not cfg:
             return out
         rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
         return combine_cfg(out, states, pipe.guidance_scale, rescale)
+
+
+def _noising(scheduler, schedule: Schedule) -> list[tuple[float, float]]:
+    """(c0, cn) with ``add_noise(x0, n, t_i) = c0 x0 + cn n`` for each step i of ``schedule``."""
+    if schedule.kind in ("ddim", "ddpm", "plms"):  # alphabar of the timestep itself
+        alphas = scheduler.alphas_cumprod.double()
+        levels = [float(alphas[int(t)]) for t in schedule.timesteps]
+        return [(a**0.5, (1 - a) ** 0.5) for a in levels]
+    if schedule.kind in ("euler", "euler_ancestral"):  # x0 + sigma n
+        return [(1.0, s) for s in schedule.levels]
+    if schedule.kind == "flow":  # scale_noise: (1 - sigma) x0 + sigma n
+        return [(1.0 - s, s) for s in schedule.levels]
+    return [vp_alpha_sigma(s) for s in schedule.levels]  # DPM-Solver++, UniPC: alpha x0 + sigma n
 
 
 def _call(module, name: str, sample, timestep, kwargs):
@@ -171,6 +315,10 @@ class DraftingDenoiser(torch.nn.Module):
         kwargs.pop("sample", None)
         kwargs["return_dict"] = False
         c.conditioning = kwargs
+        c.first_input = sample
+        c.first_timestep = float(
+            timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
+        )
         return (_call(self.inner, c.denoiser_name, sample, timestep, kwargs),)
 
 
@@ -207,11 +355,18 @@ class DraftingScheduler:
         if c.final is None:
             if c.conditioning is None:
                 raise RuntimeError("scheduler.step called before the denoiser: unexpected pipeline")
-            c.final = c.run(model_output, sample, eta, generator)
-            c.steps_left = len(self.inner.timesteps)
-        c.steps_left -= 1
+            c.final = c.run(model_output, timestep, sample, eta, generator)
+        t = float(timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep)
+        expected = c.timesteps[c.steps_done] if c.steps_done < len(c.timesteps) else None
+        if t != expected:
+            c._reset()
+            raise ValueError(
+                f"the pipeline stepped at timestep {t} where {expected} was expected (step "
+                f"{c.steps_done}): parallelize does not understand this timestep handling"
+            )
+        c.steps_done += 1
         out = c.final.to(sample.dtype)
-        if c.steps_left <= 0:
+        if c.steps_done == len(c.timesteps):
             c._reset()
         if not return_dict:
             return (out,)

@@ -83,3 +83,149 @@ def test_bad_arguments_are_rejected_before_patching(pipe):
     with pytest.raises(ValueError, match="k must be >= 1"):
         parallelize(pipe, k=0)
     assert "Drafting" not in type(pipe.scheduler).__name__  # nothing was patched
+
+
+# --- img2img and inpainting: the tail of the timesteps, the inpainting blend ------------------
+
+VARIANTS = {  # family -> its img2img and inpainting pipeline classes
+    "sd21": ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    "sdxl": ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+    "sd3": ("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+}
+
+
+def variant(pipe, class_name: str, **replace):
+    """Another pipeline class built from the same components (the same modules, shared)."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    components = {k: v for k, v in pipe.components.items() if k in cls._get_signature_keys(cls)[0]}
+    for key in ("requires_safety_checker",):
+        if key in cls._get_signature_keys(cls)[0] + cls._get_signature_keys(cls)[1]:
+            components[key] = False
+    out = cls(**{**components, **replace})
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def picture(seed: int = 0):
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    return Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def hole():
+    """A mask that repaints the centre square (white = repaint), the rest is known."""
+    from PIL import Image
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    return Image.fromarray(mask)
+
+
+def run_variant(pipe, seed=0, **kwargs):
+    return pipe(
+        "a red cube",
+        num_inference_steps=STEPS,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **kwargs,
+    ).images
+
+
+def k1_matches_the_pipeline(pipe, calls: int, **kwargs):
+    ref = run_variant(pipe, **kwargs)
+    parallelize(pipe, mode="aggressive", k=1)
+    try:
+        out = run_variant(pipe, **kwargs)
+        result = pipe.driffusion.last_result
+        assert (result.rounds, result.evaluations) == (calls, calls)
+        parallelize(pipe, mode="aggressive", k=4)
+        drafted = run_variant(pipe, **kwargs)
+        assert pipe.driffusion.last_result.rounds == count_rounds(calls, "aggressive", 4)[0]
+    finally:
+        pipe.driffusion.restore()
+    # float32 round-off of our step against diffusers' (1e-6 level); images are in [0, 1]
+    assert np.abs(out - ref).max() < 1e-4
+    assert np.abs(drafted - ref).mean() < 0.05  # drafting moves it a little, on random weights
+    np.testing.assert_array_equal(run_variant(pipe, **kwargs), ref)  # restored intact
+
+
+def test_img2img_walks_the_tail_of_the_timesteps(pipe):
+    """strength 0.5 of 8 steps: the pipeline runs timesteps[4:], so does DRiffusion."""
+    img2img = variant(pipe, VARIANTS[family_of(pipe)][0])
+    k1_matches_the_pipeline(img2img, STEPS // 2, image=picture(), strength=0.5)
+
+
+def test_inpainting_with_a_4_channel_denoiser_blends_the_known_region_every_step(pipe):
+    inpaint = variant(pipe, VARIANTS[family_of(pipe)][1])
+    k1_matches_the_pipeline(inpaint, 6, image=picture(), mask_image=hole(), strength=0.75)
+
+
+def test_inpainting_with_a_9_channel_unet_passes_mask_and_masked_image(pipe):
+    if family_of(pipe) != "sd21":
+        pytest.skip("one 9-channel inpainting UNet (SD2-inpainting's layout) is enough")
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": 9}).eval()
+    inpaint = variant(pipe, "StableDiffusionInpaintPipeline", unet=unet)
+    k1_matches_the_pipeline(inpaint, STEPS, image=picture(), mask_image=hole())
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "calls"),
+    [
+        ("DPMSolverMultistepScheduler", 4),
+        ("PNDMScheduler", 5),  # timesteps[4:] of [t0, t1, t1, t2, ..., t7]: 5 calls
+        ("EulerAncestralDiscreteScheduler", 4),
+    ],
+)
+def test_img2img_with_multistep_and_ancestral_samplers(pipe, scheduler, calls):
+    """set_begin_index (DPM-Solver++, Euler ancestral: its noise drawn from the pipeline's
+    generator) and PNDM, which has no begin index and repeats a timestep (8 steps, 9 calls)."""
+    if family_of(pipe) != "sd21":
+        pytest.skip("the scheduler bookkeeping does not depend on the family")
+    import diffusers
+
+    config = dict(pipe.scheduler.config, skip_prk_steps=True)
+    img2img = variant(pipe, "StableDiffusionImg2ImgPipeline")
+    img2img.scheduler = getattr(diffusers, scheduler).from_config(config)
+    k1_matches_the_pipeline(img2img, calls, image=picture(), strength=0.5)
+
+
+def test_pipelines_and_schedulers_it_does_not_understand_are_refused(pipe):
+    from diffusers import HeunDiscreteScheduler
+
+    class CustomLoop(type(pipe)):
+        pass
+
+    custom = CustomLoop(**{k: v for k, v in pipe.components.items()})
+    with pytest.raises(ValueError, match="does not know the denoising loop of CustomLoop"):
+        parallelize(custom)
+    if family_of(pipe) == "sd3":
+        return
+    heun = variant(pipe, type(pipe).__name__)
+    heun.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="unsupported scheduler HeunDiscreteScheduler"):
+        parallelize(heun)
+    assert "Drafting" not in type(heun.scheduler).__name__
+
+
+def test_a_run_that_is_no_slice_of_the_timesteps_is_refused(pipe):
+    parallelize(pipe, mode="aggressive", k=2)
+    try:
+        scheduler = pipe.driffusion.original_scheduler
+        scheduler.set_timesteps(STEPS)
+        pipe._num_timesteps = STEPS + 3  # more steps than the scheduler has timesteps
+        with pytest.raises(ValueError, match="no slice of the scheduler's 8 timesteps"):
+            pipe.driffusion.walked_slice(scheduler, scheduler.timesteps[0])
+    finally:
+        pipe.driffusion.restore()
+
+
+def family_of(pipe) -> str:
+    name = type(pipe).__name__
+    return "sd3" if "3" in name else "sdxl" if "XL" in name else "sd21"

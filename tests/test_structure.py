@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = ("schedule", "prediction", "jumps", "engine", "guidance", "gmm", "parallel")
+CORE = ("schedule", "prediction", "jumps", "multistep", "engine", "guidance", "gmm", "parallel")
 CONTRACTS = (
     "tensors",
     "families",
