@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -535,8 +536,11 @@ def test_the_adapter_rules_read_series_that_triton_exports(tmp_path, start_trito
         x = httpclient.InferInput("x", [4], "FP32")
         x.set_data_from_numpy(np.zeros(4, dtype=np.float32))
         client.infer("driffusion", [x])
-    busy = server.metrics()
-    assert metric_sum(busy, "nv_inference_request_duration_us", model="driffusion") > 0
+    # Triton refreshes its metrics every 2 s (--metrics-interval-ms): wait for the next refresh.
+    deadline = time.monotonic() + 30
+    while metric_sum(server.metrics(), "nv_inference_request_duration_us", model="driffusion") == 0:
+        assert time.monotonic() < deadline, "the request's duration never reached the counter"
+        time.sleep(0.5)
 
 
 # --- the pending denoiser pool ------------------------------------------------------------------
