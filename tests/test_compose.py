@@ -141,12 +141,63 @@ def test_the_server_starts_after_the_engine_build_succeeded(compose):
     assert triton["depends_on"]["engines"]["condition"] == "service_completed_successfully"
 
 
-def test_the_server_exposes_http_grpc_metrics_and_a_readiness_healthcheck(compose):
+def test_the_server_runs_driffusion_serve_on_the_repository(compose):
+    """`driffusion serve` supervises the image's tritonserver; its flags parse with the real
+    parser and name the ports the service exposes."""
+    from driffusion.cli import build_parser
+
     triton = resolved(compose)["services"]["triton"]
-    assert target_ports(triton) == [8000, 8001, 8002]
-    assert any("/v2/health/ready" in part for part in triton["healthcheck"]["test"])
-    command = " ".join(triton["command"])
-    assert "--model-repository=/models" in command
+    assert triton["command"][:2] == ["driffusion", "serve"]
+    args = build_parser().parse_args(triton["command"][1:])
+    assert args.repository == Path("/models")
+    assert args.tritonserver == Path("/opt/tritonserver/bin/tritonserver")
+    assert args.address == "0.0.0.0"  # inside the container; the host side binds below
+    assert target_ports(triton) == sorted([args.http_port, args.grpc_port, args.metrics_port])
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
+
+
+def test_the_healthcheck_asks_for_full_capacity_on_the_http_port(compose):
+    triton = resolved(compose)["services"]["triton"]
+    test = triton["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    assert any("http://localhost:8000/v2/health/ready" in part for part in test)
+
+
+def test_the_ports_bind_to_this_machine_unless_told(compose):
+    triton = resolved(compose)["services"]["triton"]
+    for port in triton["ports"]:
+        if isinstance(port, dict):
+            assert port["host_ip"] == "127.0.0.1"
+        else:
+            assert str(port).startswith("127.0.0.1:")
+    opened = resolved(compose, DRIFFUSION_BIND_ADDRESS="0.0.0.0")["services"]["triton"]
+    assert all(
+        (p["host_ip"] if isinstance(p, dict) else str(p).split(":")[0]) == "0.0.0.0"
+        for p in opened["ports"]
+    )
+
+
+def environment(service: dict) -> dict[str, str]:
+    """A service's environment from v2 (a mapping) or v1 (a mapping or KEY=VALUE list)."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def test_the_admin_key_comes_from_the_host_and_is_empty_by_default(compose):
+    """Empty: the admin APIs are closed to everyone; only the server gets the key."""
+    services = resolved(compose)["services"]
+    assert environment(services["triton"])["DRIFFUSION_ADMIN_KEY"] == ""
+    assert "DRIFFUSION_ADMIN_KEY" not in environment(services["engines"])
+    services = resolved(compose, DRIFFUSION_ADMIN_KEY="an-operator-secret")["services"]
+    assert environment(services["triton"])["DRIFFUSION_ADMIN_KEY"] == "an-operator-secret"
+
+
+def test_the_engine_build_keeps_its_cache_in_the_cache_volume(compose):
+    engines = resolved(compose)["services"]["engines"]
+    assert environment(engines)["DRIFFUSION_CACHE"] == "/cache"
+    assert "--timing-cache=/cache/tensorrt/timing.cache" in engines["command"]
 
 
 def test_both_services_share_the_model_repository_volume(compose):
