@@ -14,16 +14,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from driffusion import api
 from driffusion.families import FAMILY_NAMES
+from driffusion.samplers import SAMPLERS
 
-from .progress import progress
+from .progress import ProgressBar, progress
 
 ENGINES = ("onnx", "tensorrt", "torch")  # as driffusion.model_repository.build.ENGINES
 DEFAULT_URL = "localhost:8001"
 DEFAULT_WAIT_S = 30.0
 SERVER_HINT = "is the server running? start it with `driffusion serve`"
-_CHOICES = {api.MODE: api.MODES, api.K_SCHEDULE: api.K_SCHEDULES, api.FANOUT: api.FANOUTS}
+_CHOICES = {
+    api.MODE: api.MODES,
+    api.K_SCHEDULE: api.K_SCHEDULES,
+    api.FANOUT: api.FANOUTS,
+    api.SCHEDULER: SAMPLERS,
+}
 _TYPES = {"BYTES": str, "INT64": int, "INT32": int, "FP32": float}
 
 
@@ -204,13 +212,19 @@ def _request_flags(
 ) -> None:
     """One flag per input of ``api.INPUTS`` (``--negative-prompt`` for ``negative_prompt``)."""
     for f in api.INPUTS:
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             dest=f.name,
-            type=_TYPES[f.dtype],
-            choices=_CHOICES.get(f),
             required=not f.optional,
             help=f.doc.replace("%", "%%"),  # argparse %-formats help texts
         )
+        if f is api.INIT_IMAGE:  # a picture file, read when the request is made
+            kwargs.update(
+                type=Path, metavar="FILE", help=f"{kwargs['help']}; a picture file (PNG, JPEG, ...)"
+            )
+        elif f.dtype == "BOOL":
+            kwargs.update(action="store_const", const=True, default=None)
+        else:
+            kwargs.update(type=_TYPES[f.dtype], choices=_CHOICES.get(f))
         kwargs.update((overrides or {}).get(f, {}))
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
@@ -235,8 +249,16 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def request_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """The inputs given on the command line, by name."""
-    return {f.name: getattr(args, f.name) for f in api.INPUTS if getattr(args, f.name) is not None}
+    """The inputs given on the command line, by name (an image file read into pixels)."""
+    request = {
+        f.name: getattr(args, f.name) for f in api.INPUTS if getattr(args, f.name) is not None
+    }
+    if isinstance(request.get(api.INIT_IMAGE.name), Path):
+        from PIL import Image
+
+        with Image.open(request[api.INIT_IMAGE.name]) as picture:
+            request[api.INIT_IMAGE.name] = np.asarray(picture.convert("RGB"))
+    return request
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -282,19 +304,27 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    """Generate one image on a running server and write it as PNG."""
+    """Generate images on a running server and write them as PNG."""
     from driffusion.client import DriffusionClient, build_inputs, save_png
 
     request = request_inputs(args)
     build_inputs(**request)  # values that cannot be sent fail before the wait
     with DriffusionClient(args.url) as client:
         _wait(client, args.wait)
-        with progress(f"generating on {args.url}"):
-            result = client.generate(**request, timeout_s=args.timeout)
+        if args.stream:
+            bar = ProgressBar(f"generating on {args.url}")
+            result = client.stream(**request, on_progress=bar.update, timeout_s=args.timeout)
+            bar.done()
+        else:
+            request.pop(api.PREVIEW.name, None)
+            with progress(f"generating on {args.url}"):
+                result = client.generate(**request, timeout_s=args.timeout)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_png(result.image, args.out)
-    height, width, _ = result.image.shape
-    print(f"wrote {args.out} ({width}x{height})")
+    count, height, width, _ = result.images.shape
+    for i, image in enumerate(result.images):
+        path = args.out if count == 1 else args.out.with_stem(f"{args.out.stem}-{i}")
+        save_png(image, path)
+        print(f"wrote {path} ({width}x{height})")
     print(f"rounds {result.rounds}, evaluations {result.evaluations}")
     print(
         f"text {result.text_ms:.1f} ms, denoise {result.denoise_ms:.1f} ms, "
@@ -417,7 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("generate", help=_help(_generate), description=_request_doc(_generate))
-    p.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="PNG file to write (with --num-images n: OUT-0.png .. OUT-<n-1>.png)",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="through driffusion_stream: a progress bar with a line per round",
+    )
     _request_flags(p)
     _connection_flags(p)
     p.set_defaults(func=_generate)

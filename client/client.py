@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import queue
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ UNAVAILABLE = "StatusCode.UNAVAILABLE"
 # Triton's python backend answers a request routed to a dead worker with this (and nothing ran).
 UNHEALTHY = re.compile(r"Stub process '[^']*' is not healthy")
 UNHEALTHY_RETRIES = 3
+STREAM_MODEL = "driffusion_stream"  # the decoupled twin of the served model
 
 
 class DriffusionError(RuntimeError):
@@ -44,9 +47,10 @@ class DriffusionError(RuntimeError):
 
 @dataclass
 class GenerateResult:
-    """The outputs of one request (named as in ``api.OUTPUTS``) and what the client saw."""
+    """The outputs of one request and what the client saw. ``images`` is the model's ``image``
+    output: (num_images, H, W, 3) uint8 RGB, whatever num_images is."""
 
-    image: np.ndarray  # (H, W, 3) uint8, RGB
+    images: np.ndarray  # (n, H, W, 3) uint8, RGB
     rounds: int  # serial denoiser rounds
     evaluations: int  # states evaluated
     text_ms: float  # server-side timings
@@ -56,9 +60,26 @@ class GenerateResult:
     latency_ms: float  # client-measured wall time of the request
     request: dict[str, Any] = field(default_factory=dict)  # the inputs sent, by name
 
+    @property
+    def image(self) -> np.ndarray:
+        """The first image, (H, W, 3)."""
+        return self.images[0]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One streamed progress response (``driffusion_stream``)."""
+
+    round: int  # 1-based
+    rounds: int
+    steps_done: int
+    elapsed_ms: float  # since the server received the request
+    preview: np.ndarray | None  # (n, h, w, 3) uint8 when previews were asked for
+
 
 def build_inputs(**params: Any) -> list[grpcclient.InferInput]:
-    """One shape-[1] ``InferInput`` per input of ``api.INPUTS`` whose value is not None.
+    """One ``InferInput`` per input of ``api.INPUTS`` whose value is not None: shape [1] for the
+    scalars, (H, W, 3) for ``image`` (a uint8 RGB array or a PIL image).
 
     Keys are input names; values are Python scalars (``str`` or ``bytes`` for BYTES inputs).
     Raises ``ValueError`` for an unknown name and ``TypeError`` for a value of the wrong kind.
@@ -71,10 +92,19 @@ def build_inputs(**params: Any) -> list[grpcclient.InferInput]:
         value = params.get(f.name)
         if value is None:
             continue
-        tensor = grpcclient.InferInput(f.name, [1], f.dtype)
-        tensor.set_data_from_numpy(_array(f, value))
+        array = _image(value) if f is api.INIT_IMAGE else _array(f, value)
+        tensor = grpcclient.InferInput(f.name, list(array.shape), f.dtype)
+        tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+def _image(value: Any) -> np.ndarray:
+    if isinstance(value, Image.Image):
+        value = np.asarray(value.convert("RGB"))
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 3:
+        raise TypeError("image must be an (H, W, 3) uint8 RGB array or a PIL image")
+    return np.ascontiguousarray(value)
 
 
 def _array(f: api.Field, value: Any) -> np.ndarray:
@@ -85,6 +115,10 @@ def _array(f: api.Field, value: Any) -> np.ndarray:
         if not isinstance(value, bytes):
             raise TypeError(f"{f.name} must be str or bytes, got {type(value).__name__}")
         return np.array([value], dtype=api.NUMPY_DTYPES[f.dtype])
+    if f.dtype == "BOOL":
+        if not isinstance(value, bool):
+            raise TypeError(f"{f.name} must be bool, got {value!r}")
+        return np.array([value], dtype=np.bool_)
     kind = numbers.Integral if f.dtype.startswith(("INT", "UINT")) else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"{f.name} must be {kind.__name__} ({f.dtype}), got {value!r}")
@@ -151,14 +185,21 @@ class DriffusionClient:
         height: int | None = None,
         width: int | None = None,
         fanout: str | None = None,
+        num_images: int | None = None,
+        scheduler: str | None = None,
+        image: np.ndarray | Image.Image | None = None,
+        strength: float | None = None,
+        preview: bool | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:
-        """Generate one image; inputs left None are not sent (the server's defaults apply).
+        """Generate ``num_images`` images (default 1); inputs left None are not sent (the
+        server's defaults apply). ``image`` and ``strength``: img2img.
 
         ``timeout_s`` bounds the whole request (none by default). Raises :class:`DriffusionError`.
         """
         arguments = locals()  # the keyword names are the input names (a unit test checks it)
         request = {name: arguments[name] for name in _FIELDS if arguments[name] is not None}
+        request.pop(api.PREVIEW.name, None)  # the plain model has nothing to preview
         inputs = build_inputs(**request)
         outputs = [grpcclient.InferRequestedOutput(f.name) for f in api.OUTPUTS]
         start = time.perf_counter()
@@ -179,13 +220,51 @@ class DriffusionClient:
                     message = f"no response within timeout_s={timeout_s:g} s ({message})"
                 raise DriffusionError(message, status=e.status()) from e
         latency_ms = (time.perf_counter() - start) * 1e3
-        values = {}
-        for f in api.OUTPUTS:
-            array = response.as_numpy(f.name)
-            if array is None:
-                raise DriffusionError(f"the response of {self.model!r} lacks output {f.name!r}")
-            values[f.name] = array if f.dims != (1,) else array.reshape(-1)[0].item()
-        return GenerateResult(**values, latency_ms=latency_ms, request=request)
+        return _result(response, self.model, latency_ms, request)
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        on_progress: Callable[[Progress], object] | None = None,
+        timeout_s: float | None = None,
+        **fields: Any,
+    ) -> GenerateResult:
+        """``generate`` through the streaming model (``driffusion_stream``, gRPC streaming):
+        ``on_progress`` gets a :class:`Progress` after every round (``preview=True`` adds a
+        preview image of the current prediction to each); returns the final result."""
+        request = {"prompt": prompt, **{n: v for n, v in fields.items() if v is not None}}
+        inputs = build_inputs(**request)
+        responses: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(url=self.url)
+        start = time.perf_counter()
+        try:
+            client.start_stream(
+                callback=lambda result, error: responses.put((result, error)),
+                stream_timeout=timeout_s,
+            )
+            client.async_stream_infer(STREAM_MODEL, inputs, enable_empty_final_response=True)
+            final = None
+            while True:
+                result, error = responses.get(timeout=timeout_s)
+                if error is not None:
+                    raise DriffusionError(error.message() or str(error), status=error.status())
+                response = result.get_response()
+                if response.outputs and result.as_numpy(api.IMAGE.name) is not None:
+                    final = result
+                elif response.outputs and on_progress is not None:
+                    on_progress(_progress(result))
+                if response.parameters["triton_final_response"].bool_param:
+                    break
+        except queue.Empty:
+            raise DriffusionError(f"no response within timeout_s={timeout_s:g} s") from None
+        finally:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+        if final is None:
+            raise DriffusionError(f"the stream of {STREAM_MODEL!r} ended without the images")
+        latency_ms = (time.perf_counter() - start) * 1e3
+        return _result(final, STREAM_MODEL, latency_ms, request)
 
     def close(self) -> None:
         self._client.close()
@@ -195,6 +274,30 @@ class DriffusionClient:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _result(response, model: str, latency_ms: float, request: dict) -> GenerateResult:
+    values = {}
+    for f in api.OUTPUTS:
+        array = response.as_numpy(f.name)
+        if array is None:
+            raise DriffusionError(f"the response of {model!r} lacks output {f.name!r}")
+        values[f.name] = array if f.dims != (1,) else array.reshape(-1)[0].item()
+    values["images"] = values.pop(api.IMAGE.name)
+    return GenerateResult(**values, latency_ms=latency_ms, request=request)
+
+
+def _progress(result) -> Progress:
+    def scalar(f):
+        return result.as_numpy(f.name).reshape(-1)[0].item()
+
+    return Progress(
+        round=scalar(api.ROUND),
+        rounds=scalar(api.ROUNDS),
+        steps_done=scalar(api.STEPS_DONE),
+        elapsed_ms=scalar(api.ELAPSED_MS),
+        preview=result.as_numpy(api.PREVIEW_IMAGE.name),
+    )
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

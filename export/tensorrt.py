@@ -337,18 +337,23 @@ def select_device(index: int, cudart: Callable[[], object] = _load_cudart) -> No
 # --- optimization profiles -----------------------------------------------------------------------
 
 
-def engine_profiles(family: FamilySpec, max_k: int) -> dict[str, list[Profile]]:
+def engine_profiles(
+    family: FamilySpec, max_k: int, max_images: int = 1
+) -> dict[str, list[Profile]]:
     """{role: [profile, ...]}: the optimization profiles each engine is built with.
 
-    The denoiser gets two, over the same shapes (batch 1 .. 2*max_k, the family's sizes), with
+    Batches run up to what ``max_k`` drafts of ``max_images`` images need (each role's
+    ``max_batch``). The denoiser gets two, over the same shapes (the family's sizes), with
     different optima: profile 0 at batch 2*max_k (a whole round as one batch, fan-out "batch" or
     one GPU) and profile 1 at batch ``FANOUT_OPT_BATCH`` = 2 (one CFG pair: what each instance
     gets per round when fanning out over several GPUs). Every denoiser instance lists both
     (``config.pbtxt``: ``profile: ["0", "1"]``); Triton's TensorRT backend then runs each request
     in the listed profile whose optimum is nearest its shape. The other components have one.
     """
-    rounds = family.trt_profiles(max_k)
-    fanout = family.trt_profiles(max_k, opt_batch=min(FANOUT_OPT_BATCH, 2 * max_k))
+    rounds = family.trt_profiles(max_k, max_images=max_images)
+    fanout = family.trt_profiles(
+        max_k, opt_batch=min(FANOUT_OPT_BATCH, 2 * max_k), max_images=max_images
+    )
     return {
         role: [profile, fanout[role]] if role == DENOISER else [profile]
         for role, profile in rounds.items()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from driffusion import tensors
+from driffusion.families import FamilySpec
 from driffusion.tensors import ModelSpec
 
 
@@ -80,8 +81,9 @@ class DenoiserWrapper(nn.Module):
         )[0]
 
 
-class VaeDecoderWrapper(nn.Module):
-    """Sampled latent -> RGB image in [0, 1], (B, 3, H, W)."""
+class _Vae(nn.Module):
+    """The VAE with the pipeline's latent scaling: ``scaling_factor``, SD3's ``shift_factor``,
+    SDXL-style ``latents_mean``/``latents_std`` when configured."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -95,6 +97,25 @@ class VaeDecoderWrapper(nn.Module):
         if self.has_stats:
             self.register_buffer("latents_mean", torch.tensor(mean).view(1, c, 1, 1).float())
             self.register_buffer("latents_std", torch.tensor(std).view(1, c, 1, 1).float())
+
+
+class VaeEncoderWrapper(_Vae):
+    """RGB image in [0, 1], (B, 3, H, W) -> the scaled latent distribution (mean, std), as the
+    img2img pipelines scale ``vae.encode(image).latent_dist``: a latent is ``mean + std * z``
+    with the request's generator drawing z (diffusers' ``latent_dist.sample(generator)``)."""
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(2 * pixels - 1, return_dict=False)[0]  # image in [-1, 1]
+        mean, std = dist.mean, dist.std
+        if self.has_stats:  # StableDiffusionXLImg2ImgPipeline with latents_mean/std
+            scale = self.scaling_factor / self.latents_std
+            return (mean - self.latents_mean) * scale, std * scale
+        # SD: z * scaling_factor; SD3: (z - shift_factor) * scaling_factor
+        return (mean - self.shift_factor) * self.scaling_factor, std * self.scaling_factor
+
+
+class VaeDecoderWrapper(_Vae):
+    """Sampled latent -> RGB image in [0, 1], (B, 3, H, W)."""
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         if self.has_stats:  # as StableDiffusionXLPipeline with latents_mean/std in the config
@@ -118,6 +139,30 @@ def wrap_component(pipe: Any, spec: ModelSpec) -> nn.Module:
         wrapper = DenoiserWrapper(module, spec)
     elif spec.role == tensors.VAE_DECODER:
         wrapper = VaeDecoderWrapper(module)
+    elif spec.role == tensors.VAE_ENCODER:
+        wrapper = VaeEncoderWrapper(module)
     else:
         raise WrapError(f"unknown role {spec.role!r}; allowed: {tensors.ROLES}")
     return wrapper.eval()
+
+
+def fit_preview(vae, family: FamilySpec, samples: int = 16, seed: int = 0):
+    """A linear latent -> RGB map for cheap previews: least squares from latents to the VAE's
+    decoded colours (averaged over each latent cell's pixels), on random latents at the family's
+    smallest size. Returns ((C x 3 weights), (3 biases)) as plain floats."""
+    import torch.nn.functional as F
+
+    side = family.min_size // family.vae_scale_factor
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(samples, family.latent_channels, side, side, generator=g)
+    with torch.no_grad():
+        decoder = VaeDecoderWrapper(vae).eval()
+        dtype = next(vae.parameters()).dtype
+        image = decoder(latents.to(dtype)).float()  # (N, 3, H, W) in [0, 1]
+    colours = F.avg_pool2d(image, family.vae_scale_factor)  # (N, 3, side, side)
+    x = latents.permute(0, 2, 3, 1).reshape(-1, family.latent_channels)
+    x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    y = colours.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(x.double(), y.double()).solution  # (C + 1, 3)
+    weights, bias = solution[:-1], solution[-1]
+    return tuple(tuple(float(v) for v in row) for row in weights), tuple(float(v) for v in bias)

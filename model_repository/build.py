@@ -46,6 +46,7 @@ from .config import component_config, orchestrator_config
 from .paths import cache_dir
 
 ORCHESTRATOR = "driffusion"  # the served model's name
+STREAM = "driffusion_stream"  # the same, decoupled: a response per round (gRPC streaming)
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 MANIFEST = "repository.json"
 ENGINES = ("onnx", "tensorrt", "torch")
@@ -68,6 +69,8 @@ class RepositorySettings:
     denoiser_instances: int | None = None  # None: one per GPU, or 4 on the CPU
     orchestrator_instances: int = 4  # concurrent requests served without queueing
     max_k: int = 8  # largest k a request may ask for; bounds the denoiser's batch (2 * max_k)
+    max_images: int = 4  # largest num_images a request may ask for (batches scale with it)
+    stream_instances: int = 1  # instances of driffusion_stream (streamed progress); 0: none
     # fp16 | fp32 (families.at_precision): weights and the served tensors' dtypes; None: fp16 for
     # tensorrt and for torch on GPUs, else fp32. ONNX Runtime's CPU provider runs most fp16
     # operators in float32 behind inserted casts; torch on the CPU always computes in float32.
@@ -103,7 +106,9 @@ class RepositorySettings:
             raise ValueError("engine onnx runs on the CPU: leave gpus empty (or use torch)")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
-        for name in ("orchestrator_instances", "max_k", "intra_op_threads"):
+        if self.stream_instances < 0:
+            raise ValueError(f"stream_instances must be >= 0, got {self.stream_instances}")
+        for name in ("orchestrator_instances", "max_k", "max_images", "intra_op_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.denoiser_instances is not None:
@@ -181,6 +186,7 @@ def build_repository(
     start = time.perf_counter()
     if settings.engine == "tensorrt" and engine_builder is None:
         engine_builder = _check_tensorrt(settings, say)  # fails before the long export
+    _check_scheduler(pipeline)  # refused before any weight is loaded or file exported
     say(f"[repository] loading {pipeline}")
     try:
         pipe = load_pipeline(pipeline)
@@ -209,7 +215,7 @@ def build_repository(
         records = _torch_step(pipe, family, out, settings, say)
     for role, text in component_configs(family, settings).items():
         (out / role / "config.pbtxt").write_text(text)
-    write_orchestrator(out / ORCHESTRATOR, pipe, family, settings)
+    write_orchestrator(out, pipe, family, settings)
     (out / MANIFEST).write_text(json.dumps({**manifest, "engines": records}, indent=2) + "\n")
     say(f"[repository] {out} ready in {time.perf_counter() - start:.1f} s")
     return out
@@ -230,7 +236,7 @@ def _tensorrt_step(exports, family, out, settings, cache, timing_cache, builder,
     timing = Path(timing_cache) if timing_cache is not None else cache / "tensorrt" / "timing.cache"
     from driffusion.export.tensorrt import engine_profiles
 
-    profiles = engine_profiles(family, settings.max_k)
+    profiles = engine_profiles(family, settings.max_k, settings.max_images)
     records = {}
     for role, spec in family.components.items():
         version = _version_dir(out, role)
@@ -268,6 +274,16 @@ def _torch_step(pipe, family, out, settings, say) -> dict[str, Any]:
     return records
 
 
+def _check_scheduler(pipeline: str | Path) -> None:
+    """``ValueError`` naming the scheduler and what is supported, read from a pipeline folder's
+    ``scheduler/scheduler_config.json`` (a hub id is checked once loaded)."""
+    from driffusion.samplers import check_supported
+
+    path = Path(pipeline) / "scheduler" / "scheduler_config.json"
+    if path.exists():
+        check_supported(json.loads(path.read_text()))
+
+
 def component_configs(family: FamilySpec, settings: RepositorySettings) -> dict[str, str]:
     """{role: config.pbtxt text} of every component for ``settings.engine``: the denoiser's
     instances on every GPU (or on the CPU), the other components once, on the first GPU."""
@@ -303,7 +319,7 @@ def component_configs(family: FamilySpec, settings: RepositorySettings) -> dict[
 def _engine_profiles(family: FamilySpec, settings: RepositorySettings):
     from driffusion.export.tensorrt import engine_profiles
 
-    return engine_profiles(family, settings.max_k)
+    return engine_profiles(family, settings.max_k, settings.max_images)
 
 
 def _cached_exports(pipe, family, fingerprint, settings, cache, force, say) -> dict[str, Path]:
@@ -335,7 +351,7 @@ def _contract(spec: ModelSpec, family: FamilySpec, settings: RepositorySettings)
     """The shapes a component may be sent, as ``config.pbtxt`` parameters its runner enforces:
     the largest batch a valid ``driffusion`` request makes, and the served size range."""
     bounds = {
-        "batch": [1, spec.max_batch(settings.max_k)],
+        "batch": [1, spec.max_batch(settings.max_k, settings.max_images)],
         "height": [family.min_size, family.max_size],
         "width": [family.min_size, family.max_size],
         "latent_height": [
@@ -407,22 +423,55 @@ def _check_tensorrt(settings: RepositorySettings, say: Say):
 # --- the orchestrator ---------------------------------------------------------------------------
 
 
-def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: RepositorySettings):
-    version = folder / "1"
-    assets = version / "pipeline"
-    if assets.exists():
-        shutil.rmtree(assets)
-    assets.mkdir(parents=True)
-    for role in family.text_roles:  # tokenizer of text_encoder[_2] is tokenizer[_2]
-        attr = family.components[role].pipeline_attr.replace("text_encoder", "tokenizer")
-        getattr(pipe, attr).save_pretrained(assets / attr)
-    pipe.scheduler.save_config(assets / "scheduler")
-    shutil.copy2(MODELS_DIR / ORCHESTRATOR / "model.py", version / "model.py")
-    height, width = family.default_size
-    steps_limit = max_steps(copy.deepcopy(pipe.scheduler), api.Limits().max_steps)
+def write_orchestrator(out: Path, pipe, family: FamilySpec, settings: RepositorySettings):
+    """The ``driffusion`` model (and ``driffusion_stream``, its decoupled twin, unless
+    ``stream_instances`` is 0): the BLS model, its settings and the pipeline's tokenizers and
+    scheduler config."""
+    service = orchestrator_settings(pipe, family, settings)
+    models = {ORCHESTRATOR: (settings.orchestrator_instances, False)}
+    if settings.stream_instances:
+        models[STREAM] = (settings.stream_instances, True)
+    stale = out / STREAM
+    if not settings.stream_instances and stale.exists():
+        shutil.rmtree(stale)
+    for name, (instances, decoupled) in models.items():
+        version = out / name / "1"
+        assets = version / "pipeline"
+        if assets.exists():
+            shutil.rmtree(assets)
+        assets.mkdir(parents=True)
+        for role in family.text_roles:  # tokenizer of text_encoder[_2] is tokenizer[_2]
+            attr = family.components[role].pipeline_attr.replace("text_encoder", "tokenizer")
+            getattr(pipe, attr).save_pretrained(assets / attr)
+        pipe.scheduler.save_config(assets / "scheduler")
+        shutil.copy2(MODELS_DIR / ORCHESTRATOR / "model.py", version / "model.py")
+        service.save(version)
+        (out / name / "config.pbtxt").write_text(
+            orchestrator_config(name, instances, decoupled=decoupled)
+        )
+
+
+def orchestrator_settings(pipe, family: FamilySpec, settings: RepositorySettings):
+    """What the orchestrator needs to serve ``pipe``: limits, defaults, the samplers a request
+    may choose and the preview map."""
+    from driffusion.export.wrappers import fit_preview
+    from driffusion.samplers import check_supported, make_scheduler, sampler_name, samplers_for
+
+    check_supported(pipe.scheduler)
+    config = dict(pipe.scheduler.config)
+    config["_class_name"] = type(pipe.scheduler).__name__
+    own = sampler_name(config)
+    prediction = "flow" if family.conditioning == "sd3" else config.get("prediction_type")
+    samplers = samplers_for(prediction or "epsilon")
+    limit = api.Limits().max_steps
+    steps_limit = min(
+        [max_steps(copy.deepcopy(pipe.scheduler), limit)]
+        + [max_steps(make_scheduler(name, config), limit) for name in samplers]
+    )
     if steps_limit < 1:
         raise RepositoryBuildError(f"{type(pipe.scheduler).__name__}: no step count works")
-    service = ServiceSettings(
+    height, width = family.default_size
+    return ServiceSettings(
         family=family,
         denoiser_instances=settings.instances,
         model_timeout_s=settings.model_timeout_s,
@@ -433,6 +482,8 @@ def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: Reposit
             min_size=family.min_size,
             max_size=family.max_size,
             size_multiple=family.size_multiple,
+            max_images=settings.max_images,
+            samplers=samplers,
         ),
         defaults=api.Defaults(
             steps=settings.default_steps or family.num_inference_steps,
@@ -444,11 +495,9 @@ def write_orchestrator(folder: Path, pipe, family: FamilySpec, settings: Reposit
             height=height,
             width=width,
             k=min(4, settings.max_k),
+            scheduler=own,
         ),
-    )
-    service.save(version)
-    (folder / "config.pbtxt").write_text(
-        orchestrator_config(ORCHESTRATOR, settings.orchestrator_instances)
+        preview=fit_preview(pipe.vae, family),
     )
 
 

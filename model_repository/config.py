@@ -30,6 +30,7 @@ _API_TO_TRITON = {
     "INT32": mc.TYPE_INT32,
     "FP32": mc.TYPE_FP32,
     "UINT8": mc.TYPE_UINT8,
+    "BOOL": mc.TYPE_BOOL,
 }
 
 
@@ -108,8 +109,10 @@ def component_config(
     )
 
 
-def orchestrator_config(name: str, instances: int) -> str:
-    """The ``driffusion`` BLS model: the request API of ``driffusion.api``."""
+def orchestrator_config(name: str, instances: int, decoupled: bool = False) -> str:
+    """The ``driffusion`` BLS model: the request API of ``driffusion.api``; ``decoupled``: the
+    ``driffusion_stream`` variant, a response per round (``api.STREAM_OUTPUTS``), for gRPC
+    streaming clients."""
     ins = [
         mc.ModelInput(
             name=f.name, data_type=_API_TO_TRITON[f.dtype], dims=f.dims, optional=f.optional
@@ -118,9 +121,13 @@ def orchestrator_config(name: str, instances: int) -> str:
     ]
     outs = [
         mc.ModelOutput(name=f.name, data_type=_API_TO_TRITON[f.dtype], dims=f.dims)
-        for f in api.OUTPUTS
+        for f in (api.STREAM_OUTPUTS if decoupled else api.OUTPUTS)
     ]
-    return _config(name, ins, outs, [_group(instances, None)], backend="python")
+    text = _config(name, ins, outs, [_group(instances, None)], backend="python")
+    if decoupled:
+        policy = mc.ModelTransactionPolicy(decoupled=True)
+        text += text_format.MessageToString(mc.ModelConfig(model_transaction_policy=policy))
+    return text
 
 
 def parse_config(text: str) -> mc.ModelConfig:

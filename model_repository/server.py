@@ -305,7 +305,10 @@ class TritonServer:
     @property
     def metrics_url(self) -> str:
         """Prometheus endpoint, ``http://host:port/metrics``."""
-        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(
+            self.metrics_address, self.metrics_address
+        )
+        return f"http://{host}:{self.metrics_port}/metrics"
 
     def metrics(self) -> Metrics:
         """The Prometheus endpoint's samples now (Triton's and driffusion's own)."""
@@ -406,7 +409,9 @@ class TritonServer:
         return self
 
     def _wait_until_ready(self) -> None:
-        url = f"http://{self._client_host}:{self.http_port}/v2/health/ready"
+        """Until the server is ready and its metrics endpoint answers (it starts separately)."""
+        ready = f"http://{self._client_host}:{self.http_port}/v2/health/ready"
+        urls = [ready, self.metrics_url]
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             rc = self._process.poll()
@@ -415,9 +420,13 @@ class TritonServer:
                     f"tritonserver exited with code {rc} before becoming ready\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(url, timeout=0.5) as response:
-                    if response.status == 200:
-                        return
+                while urls:
+                    with urllib.request.urlopen(urls[0], timeout=0.5) as response:
+                        if response.status != 200:
+                            break
+                    urls.pop(0)
+                if not urls:
+                    return
             except (urllib.error.URLError, OSError):
                 pass  # not listening yet, or models still loading (400)
             if time.monotonic() > deadline:

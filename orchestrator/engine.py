@@ -157,6 +157,7 @@ def draft_and_refine(
     noise: Noise | None = None,
     *,
     post_step: PostStep | None = None,
+    on_refined: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Generator[Round, torch.Tensor, SampleResult]:
     """Run DRiffusion as a generator of rounds; returns the :class:`SampleResult`.
 
@@ -169,7 +170,9 @@ def draft_and_refine(
 
     ``post_step(x, i)``, when given, edits every state that lands on step i (0 < i < S), drafts
     included, before it is evaluated or stepped from: what an inpainting pipeline's loop does to
-    the latents after each ``scheduler.step``.
+    the latents after each ``scheduler.step``. ``on_refined(i, x_i)`` is called with every state
+    of the refined trajectory, i = 1 .. S in order (what a step-by-step loop would hold after
+    each step: progress callbacks).
     """
     blocks = plan(schedule.num_steps, mode, k)
     if schedule.stochastic and noise is None:
@@ -213,9 +216,13 @@ def draft_and_refine(
         #    x_{m+1} = Step(x_m, ed_m), the history taking in each draft output in turn
         history = at_anchor
         state = drafts[0] if targets else landed(advance(schedule, history, a, a + 1, z(a)), a + 1)
+        if on_refined is not None:
+            on_refined(a + 1, state)
         for m in range(a + 1, blk.end):
             history = observe(schedule, history, state, outs[m - a - 1], m)
             state = landed(advance(schedule, history, m, m + 1, z(m)), m + 1)
+            if on_refined is not None:
+                on_refined(m + 1, state)
         # aggressive: noise caching, E_{a'} = ed_{a'} computed at the draft xd_{a'}
         if n + 1 < len(blocks) and not blocks[n + 1].exact_anchor:
             anchor_out = outs[blk.end - a - 1]
@@ -237,19 +244,32 @@ def _check_output(out, x: torch.Tensor, index: int, steps: list[int]) -> None:
 class StepNoise:
     """z_i for each sequential step i, drawn lazily IN STEP ORDER from one generator, so every mode
     and k sees the same noise and the sequential mode matches a diffusers ``step`` loop that draws
-    ``randn(shape, generator)`` once a step."""
+    ``randn(shape, generator)`` once a step. With a list of generators, row b of the batch is
+    drawn from generator b (a batch of images each as its own one-image run)."""
 
-    def __init__(self, like: torch.Tensor, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        like: torch.Tensor,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    ):
         self._like, self._generator, self._drawn = like, generator, []
+        if isinstance(generator, Sequence) and len(generator) != like.shape[0]:
+            raise ValueError(
+                f"{len(generator)} generators for a batch of {like.shape[0]}: one per row"
+            )
 
     def __call__(self, i: int) -> torch.Tensor:
         while len(self._drawn) <= i:
-            device = self._generator.device if self._generator is not None else self._like.device
-            z = torch.randn(
-                self._like.shape, generator=self._generator, device=device, dtype=self._like.dtype
-            )
+            if isinstance(self._generator, Sequence):
+                z = torch.cat([self._draw(self._like[:1].shape, g) for g in self._generator])
+            else:
+                z = self._draw(self._like.shape, self._generator)
             self._drawn.append(z.to(self._like.device))
         return self._drawn[i]
+
+    def _draw(self, shape, generator: torch.Generator | None) -> torch.Tensor:
+        device = generator.device if generator is not None else self._like.device
+        return torch.randn(shape, generator=generator, device=device, dtype=self._like.dtype)
 
 
 def sample(

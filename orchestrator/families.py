@@ -32,8 +32,11 @@ from .tensors import (
     INPUT_IDS,
     LATENT,
     LATENT_HEIGHT,
+    LATENT_MEAN,
+    LATENT_STD,
     LATENT_WIDTH,
     MODEL_OUTPUT,
+    PIXELS,
     POOLED,
     POOLED_PROJECTIONS,
     SAMPLE,
@@ -44,6 +47,7 @@ from .tensors import (
     TIME_IDS,
     TIMESTEP,
     VAE_DECODER,
+    VAE_ENCODER,
     WIDTH,
     ModelSpec,
     TensorSpec,
@@ -107,8 +111,10 @@ class FamilySpec:
         opt_size: tuple[int, int] | None = None,
         max_size: int | None = None,
         opt_batch: int | None = None,
+        max_images: int = 1,
     ) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
-        """{role: {input: (min, opt, max) shape}} for up to ``max_k`` drafts per round.
+        """{role: {input: (min, opt, max) shape}} for up to ``max_k`` drafts per round of up to
+        ``max_images`` images.
 
         Square min/max sides default to the family's range, opt to its default size.
         """
@@ -120,7 +126,9 @@ class FamilySpec:
         profiles = {}
         for role, spec in self.components.items():
             ob = opt_batch if spec.batch == BATCH_CFG_DRAFTS else None
-            profiles[role] = spec.trt_profile(max_k, (lo, lo), opt, (hi, hi), opt_batch=ob)
+            profiles[role] = spec.trt_profile(
+                max_k, (lo, lo), opt, (hi, hi), opt_batch=ob, max_images=max_images
+            )
         return profiles
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +189,22 @@ def _denoiser(
     )
 
 
+def _vae_encoder(*, channels: int, vae_scale_factor: int, precision: str) -> ModelSpec:
+    latent = (BATCH, channels, LATENT_HEIGHT, LATENT_WIDTH)
+    return ModelSpec(
+        role=VAE_ENCODER,
+        pipeline_attr="vae",
+        inputs=(TensorSpec(PIXELS, "float32", (BATCH, 3, HEIGHT, WIDTH), sample_range=(0, 1)),),
+        outputs=(
+            TensorSpec(LATENT_MEAN, "float32", latent),
+            TensorSpec(LATENT_STD, "float32", latent),
+        ),
+        batch=BATCH_SINGLE,
+        precision=precision,
+        vae_scale_factor=vae_scale_factor,
+    )
+
+
 def _vae_decoder(*, channels: int, vae_scale_factor: int, precision: str) -> ModelSpec:
     return ModelSpec(
         role=VAE_DECODER,
@@ -207,12 +231,13 @@ def _family(
     **rest: Any,
 ) -> FamilySpec:
     """What the three families share: components in pipeline order and the geometry."""
-    vae = _vae_decoder(
-        channels=latent_channels, vae_scale_factor=vae_scale_factor, precision=vae_precision
-    )
+    vae = dict(channels=latent_channels, vae_scale_factor=vae_scale_factor, precision=vae_precision)
     return FamilySpec(
         name=name,
-        components={spec.role: spec for spec in (*encoders, denoiser, vae)},
+        components={
+            spec.role: spec
+            for spec in (*encoders, denoiser, _vae_decoder(**vae), _vae_encoder(**vae))
+        },
         latent_channels=latent_channels,
         vae_scale_factor=vae_scale_factor,
         default_size=(default_size, default_size),

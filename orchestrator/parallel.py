@@ -9,7 +9,8 @@ in place of its denoiser and scheduler:
 - at the first ``scheduler.step`` the whole run is sampled by the draft-and-refine engine; each
   round's states are evaluated with classifier-free guidance, split across the replicas of the
   denoiser (one per device, concurrently) or as one batch when a single device is given;
-- the pipeline's remaining steps replay the final state without touching the model.
+- the pipeline's remaining steps return the refined trajectory's states without touching the model,
+  so ``callback_on_step_end`` sees each step's latents.
 
 Timesteps: a pipeline walks a contiguous slice of ``scheduler.timesteps`` (img2img and inpainting
 start at ``strength``'s tail, SDXL's ``denoising_end`` stops early). The slice is read from the
@@ -35,9 +36,8 @@ import torch
 
 from .engine import KSpec, Round, SampleResult, StepNoise, draft_and_refine, drive, validate
 from .guidance import combine_cfg, rows, shards, with_cfg
-from .prediction import vp_alpha_sigma
 from .samplers import check_supported
-from .schedule import Schedule
+from .schedule import Schedule, noising
 
 _DENOISER_NAMES = ("unet", "transformer")
 # The pipelines whose denoising loops parallelize is known to reproduce (k=1 equals the pipeline)
@@ -114,6 +114,7 @@ class Controller:
         self.first_timestep: float | None = None
         self.extra_channels: torch.Tensor | None = None  # inpainting UNet: mask, masked image
         self.final: torch.Tensor | None = None
+        self.trajectory: dict[int, torch.Tensor] = {}  # refined state after each step, 1-based
         self.timesteps: list[float] = []  # the slice the pipeline walks, checked step by step
         self.steps_done = 0
 
@@ -194,7 +195,16 @@ class Controller:
             self.extra_channels = self.first_input[:, channels:]  # (B or 2B, extra, h, w)
         post_step = self._inpainting_blend(schedule, sample)
         noise = StepNoise(sample, generator) if schedule.stochastic else None
-        engine = draft_and_refine(sample, schedule, self.mode, self.k, noise, post_step=post_step)
+        self.trajectory = {}
+        engine = draft_and_refine(
+            sample,
+            schedule,
+            self.mode,
+            self.k,
+            noise,
+            post_step=post_step,
+            on_refined=lambda i, x: self.trajectory.__setitem__(i, x.clone()),
+        )
         # round 0 is the pipeline's own call: its output is the anchor output
         self.last_result = drive(
             engine, lambda r: anchor_output if r.index == 0 else self.evaluate(r)
@@ -217,7 +227,7 @@ class Controller:
         if mask.shape[0] != sample.shape[0]:  # CFG doubled it: the uncond half is the mask
             mask = mask.chunk(2)[0]
         image, noise = record["image_latents"], record["noise"]
-        coefficients = _noising(self.original_scheduler, schedule)
+        coefficients = noising(self.original_scheduler, schedule)
 
         def blend(x: torch.Tensor, i: int) -> torch.Tensor:
             c0, cn = coefficients[i]
@@ -260,19 +270,6 @@ class Controller:
             return out
         rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
         return combine_cfg(out, states, pipe.guidance_scale, rescale)
-
-
-def _noising(scheduler, schedule: Schedule) -> list[tuple[float, float]]:
-    """(c0, cn) with ``add_noise(x0, n, t_i) = c0 x0 + cn n`` for each step i of ``schedule``."""
-    if schedule.kind in ("ddim", "ddpm", "plms"):  # alphabar of the timestep itself
-        alphas = scheduler.alphas_cumprod.double()
-        levels = [float(alphas[int(t)]) for t in schedule.timesteps]
-        return [(a**0.5, (1 - a) ** 0.5) for a in levels]
-    if schedule.kind in ("euler", "euler_ancestral"):  # x0 + sigma n
-        return [(1.0, s) for s in schedule.levels]
-    if schedule.kind == "flow":  # scale_noise: (1 - sigma) x0 + sigma n
-        return [(1.0 - s, s) for s in schedule.levels]
-    return [vp_alpha_sigma(s) for s in schedule.levels]  # DPM-Solver++, UniPC: alpha x0 + sigma n
 
 
 def _call(module, name: str, sample, timestep, kwargs):
@@ -365,7 +362,8 @@ class DraftingScheduler:
                 f"{c.steps_done}): parallelize does not understand this timestep handling"
             )
         c.steps_done += 1
-        out = c.final.to(sample.dtype)
+        # the state after this step, so that callback_on_step_end sees each step's latents
+        out = c.trajectory.get(c.steps_done, c.final).to(sample.dtype)
         if c.steps_done == len(c.timesteps):
             c._reset()
         if not return_dict:

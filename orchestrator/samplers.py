@@ -93,6 +93,20 @@ def _prediction_type(config: Mapping[str, Any]) -> str:
     return str(config.get("prediction_type", "epsilon"))
 
 
+def sampler_name(config: Mapping[str, Any]) -> str:
+    """The served name of a pipeline's own scheduler (its ``scheduler_config.json``), or "" when
+    it is none of ``SAMPLERS`` as they are defined here (it is then still served as it is, as
+    the default)."""
+    class_name = str(config.get("_class_name", ""))
+    for name, (recipe_class, overrides) in _RECIPES.items():
+        if recipe_class != class_name:
+            continue
+        defining = {k: v for k, v in overrides.items() if k in ("use_karras_sigmas",)}
+        if all(bool(config.get(k, False)) == bool(v) for k, v in defining.items()):
+            return name
+    return ""
+
+
 def make_scheduler(name: str, base_config: Mapping[str, Any]):
     """A diffusers scheduler for sampler ``name``, built from the pipeline's own scheduler config
     (``pipe.scheduler.config`` or its ``scheduler_config.json``) with ``from_config``."""

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .prediction import ALPHA_SPACE_TYPES, SIGMA_SPACE_TYPES, check_flow
+from .prediction import (
+    ALPHA_SPACE_TYPES,
+    SIGMA_SPACE_TYPES,
+    alpha_space,
+    check_flow,
+    sigma_space,
+    vp_alpha_sigma,
+    vp_sigma_space,
+)
 from .samplers import check_supported
 
 KINDS = ("ddim", "ddpm", "euler", "euler_ancestral", "flow", "dpmpp", "unipc", "plms")
@@ -325,15 +333,56 @@ _READERS = {
 }
 
 
-def max_steps(scheduler, limit: int = 1000) -> int:
-    """The largest S <= ``limit`` such that every step count 1..S gives a valid schedule with
-    ``scheduler``'s configuration (DDIM with ``steps_offset=1`` and "leading" spacing stops at
-    999 of 1000: its 1000-step schedule would ask for timestep 1000). ``scheduler`` is left
-    with its timesteps set to the last count tried."""
-    for steps in range(1, limit + 1):
+def max_steps(scheduler, limit: int = 1000, *, exhaustive: bool = False) -> int:
+    """The largest S <= ``limit`` for which ``scheduler``'s configuration gives a valid schedule
+    (DDIM and PNDM with ``steps_offset=1`` and "leading" spacing stop at 999 of 1000: their
+    1000-step schedule would ask for timestep 1000).
+
+    Schedules break at the top of the range, where a timestep can pass the trained ones, so by
+    default the ten smallest and the ten largest step counts are tried (well under a second
+    for every sampler; the tests try every count for the families' samplers with
+    ``exhaustive=True``). ``scheduler`` is left with its timesteps set to the last count tried.
+    """
+
+    def valid(steps: int) -> bool:
         try:
             scheduler.set_timesteps(steps)
             Schedule.from_diffusers(scheduler)
-        except ValueError:
-            return steps - 1
-    return limit
+        except (ValueError, IndexError):
+            return False
+        return True
+
+    counts = range(1, limit + 1) if exhaustive else [*range(1, 11), *range(limit - 9, limit + 1)]
+    best = 0
+    for steps in sorted(set(c for c in counts if c >= 1)):
+        if not valid(steps):
+            break
+        best = steps
+    return best
+
+
+def noising(scheduler, schedule: Schedule) -> list[tuple[float, float]]:
+    """(c0, cn) with ``add_noise(x0, n, t_i) = c0 x0 + cn n`` for each step i of ``schedule``:
+    how img2img and inpainting pipelines put a clean latent at a step's noise level."""
+    if schedule.kind in ("ddim", "ddpm", "plms"):  # alphabar of the timestep itself
+        alphas = scheduler.alphas_cumprod.double().tolist()
+        return [(a**0.5, (1 - a) ** 0.5) for a in (alphas[int(t)] for t in schedule.timesteps)]
+    if schedule.kind in ("euler", "euler_ancestral"):  # x0 + sigma n
+        return [(1.0, s) for s in schedule.levels]
+    if schedule.kind == "flow":  # scale_noise: (1 - sigma) x0 + sigma n
+        return [(1.0 - s, s) for s in schedule.levels]
+    return [vp_alpha_sigma(s) for s in schedule.levels]  # DPM-Solver++, UniPC: alpha x0 + sigma n
+
+
+def data_prediction(schedule: Schedule, x: torch.Tensor, e: torch.Tensor, i: int) -> torch.Tensor:
+    """x0_hat of the state ``x`` at step i (as the sampler holds it, not scaled for the model)
+    from the model output ``e`` there: for previews of the current prediction."""
+    level = schedule.levels[i]
+    kind, prediction = schedule.kind, schedule.prediction_type
+    if kind in ("ddim", "ddpm", "plms"):
+        return alpha_space(prediction, level)[0](x, e)
+    if kind in ("euler", "euler_ancestral"):
+        return sigma_space(prediction, level)(x, e)
+    if kind == "flow":  # x = (1 - sigma) x0 + sigma eps, v = eps - x0
+        return torch.add(x, e, alpha=-level)
+    return vp_sigma_space(prediction, level)(x, e)  # dpmpp, unipc

@@ -25,21 +25,25 @@ import torch
 
 from . import api
 from .conditioning import denoiser_conditions
-from .engine import Round, StepNoise, draft_and_refine, drive, drive_async, tapered
+from .engine import Round, StepNoise, count_rounds, draft_and_refine, drive, drive_async, tapered
 from .families import FamilySpec
 from .guidance import combine_cfg, rows, shards, with_cfg
-from .schedule import Schedule
+from .schedule import Schedule, data_prediction, noising
 from .tensors import (
     DENOISER,
     IMAGE,
     INPUT_IDS,
     LATENT,
+    LATENT_MEAN,
+    LATENT_STD,
     MODEL_OUTPUT,
+    PIXELS,
     SAMPLE,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     TIMESTEP,
     VAE_DECODER,
+    VAE_ENCODER,
 )
 
 Infer = Callable[[str, Mapping[str, np.ndarray], tuple[str, ...]], Awaitable[dict[str, np.ndarray]]]
@@ -86,6 +90,8 @@ class ServiceSettings:
     request_timeout_s: float = 300.0  # a request still running then fails (DEADLINE_EXCEEDED)
     limits: api.Limits = field(default_factory=api.Limits)
     defaults: api.Defaults = field(default_factory=api.Defaults)
+    # latent -> RGB preview: ((C x 3 weights), (3 biases)) fitted to the VAE (fit_preview)
+    preview: tuple[tuple[tuple[float, ...], ...], tuple[float, ...]] | None = None
 
     def save(self, folder: Path) -> None:
         data = {
@@ -95,6 +101,7 @@ class ServiceSettings:
             "request_timeout_s": self.request_timeout_s,
             "limits": self.limits.__dict__,
             "defaults": self.defaults.__dict__,
+            "preview": self.preview,
         }
         (Path(folder) / SETTINGS_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
@@ -106,8 +113,9 @@ class ServiceSettings:
             denoiser_instances=int(data["denoiser_instances"]),
             model_timeout_s=float(data["model_timeout_s"]),
             request_timeout_s=float(data["request_timeout_s"]),
-            limits=api.Limits(**data["limits"]),
+            limits=api.Limits(**{**data["limits"], "samplers": tuple(data["limits"]["samplers"])}),
             defaults=api.Defaults(**data["defaults"]),
+            preview=data.get("preview"),
         )
 
 
@@ -119,9 +127,27 @@ def executor_threads(settings: ServiceSettings) -> int:
     return 2 * (max(settings.limits.max_k, 1) + 2)
 
 
+def preview_image(latents: torch.Tensor, preview) -> np.ndarray:
+    """(n, C, h, w) latents -> (n, h, w, 3) uint8 through the fitted linear map."""
+    weights = torch.tensor(preview[0], dtype=torch.float32)  # (C, 3)
+    bias = torch.tensor(preview[1], dtype=torch.float32)
+    rgb = torch.einsum("nchw,cd->nhwd", latents.float(), weights) + bias
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the orchestrator reports after each round (driffusion_stream)."""
+
+    round: int  # 1-based
+    rounds: int  # the rounds of the whole request
+    steps_done: int
+    preview: np.ndarray | None  # (n, h, w, 3) uint8 of the current prediction, when asked
+
+
 @dataclass
 class GenerateOutput:
-    image: np.ndarray  # (H, W, 3) uint8
+    image: np.ndarray  # (n, H, W, 3) uint8
     rounds: int
     evaluations: int
     text_ms: float
@@ -149,7 +175,7 @@ class GenerateOutput:
 
 
 class Orchestrator:
-    """One served pipeline's host-side logic (tokenizers, scheduler, DRiffusion, CFG)."""
+    """One served pipeline's host-side logic (tokenizers, schedulers, DRiffusion, CFG)."""
 
     def __init__(self, settings: ServiceSettings, pipeline_dir: Path):
         from diffusers import schedulers
@@ -166,9 +192,9 @@ class Orchestrator:
             for role in self.family.text_roles
         }
         scheduler_cls = getattr(schedulers, self.family.scheduler_class)
-        config = scheduler_cls.load_config(Path(pipeline_dir) / "scheduler")
+        self._config = scheduler_cls.load_config(Path(pipeline_dir) / "scheduler")
         # Built once: the first from_config costs ~1.4 s of lazy imports, a copy ~0.1 ms.
-        self._scheduler = scheduler_cls.from_config(config)
+        self._schedulers = {"": scheduler_cls.from_config(self._config)}
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -179,9 +205,14 @@ class Orchestrator:
         engine = draft_and_refine(x, Schedule.from_diffusers(scheduler), "aggressive", 2, noise)
         drive(engine, lambda r: torch.zeros_like(r.x))
 
-    def new_scheduler(self, steps: int):
-        """A fresh scheduler (they are stateful) with ``steps`` timesteps set."""
-        scheduler = copy.deepcopy(self._scheduler)
+    def new_scheduler(self, steps: int, name: str = ""):
+        """A fresh scheduler (they are stateful) with ``steps`` timesteps set: sampler ``name``
+        (``driffusion.samplers``) built from the pipeline's config, or its own ("")."""
+        if name not in self._schedulers:
+            from .samplers import make_scheduler
+
+            self._schedulers[name] = make_scheduler(name, self._config)
+        scheduler = copy.deepcopy(self._schedulers[name])
         scheduler.set_timesteps(steps)
         return scheduler
 
@@ -212,10 +243,12 @@ class Orchestrator:
         cancelled: Callable[[], bool] = lambda: False,
         *,
         deadline: float | None = None,
+        progress: Callable[[Progress], Awaitable[None]] | None = None,
     ) -> GenerateOutput:
         """Run one validated request. ``cancelled()`` is polled before every round; ``deadline``
         (``time.monotonic()`` value, default now + ``request_timeout_s``) bounds the whole
-        request: its work stops at the next round or model call (``DeadlineExceeded``)."""
+        request: its work stops at the next round or model call (``DeadlineExceeded``).
+        ``progress`` is awaited after every round (streamed progress)."""
         start = time.perf_counter()
         if deadline is None:
             deadline = time.monotonic() + self.settings.request_timeout_s
@@ -224,20 +257,30 @@ class Orchestrator:
         cond = await self._encode_text(req, cfg, infer)
         text_done = time.perf_counter()
 
-        scheduler = self.new_scheduler(req.steps)
-        schedule = Schedule.from_diffusers(scheduler)
-        generator = torch.Generator("cpu").manual_seed(req.seed)
-        latent_hw = (
+        scheduler = self.new_scheduler(req.steps, req.scheduler)
+        begin = _img2img_begin(scheduler, req)
+        schedule = Schedule.from_diffusers(scheduler, begin=begin)
+        # one generator per image, seeded seed + i: image i is the one-image request of that seed
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in req.seeds]
+        shape = (
+            1,
+            self.family.latent_channels,
             req.height // self.family.vae_scale_factor,
             req.width // self.family.vae_scale_factor,
         )
-        # as diffusers' prepare_latents: randn on a CPU generator, times init_noise_sigma
-        x = torch.randn((1, self.family.latent_channels, *latent_hw), generator=generator)
-        x = x * float(getattr(scheduler, "init_noise_sigma", 1.0))
+        if req.image is None:  # as diffusers' prepare_latents, times init_noise_sigma
+            x = torch.cat([torch.randn(shape, generator=g) for g in generators])
+            x = x * float(getattr(scheduler, "init_noise_sigma", 1.0))
+        else:  # img2img: the image's latent, noised to the first step run (add_noise)
+            init = await self._encode_image(req, generators, infer)
+            noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
+            c0, cn = noising(scheduler, schedule)[0]
+            x = c0 * init + cn * noise
         k = k_spec(req.k, req.k_schedule)
-        noise = StepNoise(x, generator) if schedule.stochastic else None
-        denoiser = _DenoiserFeed(self.family, cond, cfg)
+        noise = StepNoise(x, generators) if schedule.stochastic else None
+        denoiser = _DenoiserFeed(self.family, cond, cfg, req.num_images)
         waited = [0.0]  # seconds spent awaiting denoiser calls
+        total = count_rounds(schedule.num_steps, req.mode, k)[0]
 
         async def evaluate(r: Round) -> torch.Tensor:
             if cancelled():
@@ -247,17 +290,20 @@ class Orchestrator:
                     f"request deadline exceeded before round {r.index} of a {req.steps}-step "
                     f"{req.mode} request"
                 )
-            return await self._evaluate(r, denoiser, req, infer, waited)
+            out = await self._evaluate(r, denoiser, req, infer, waited)
+            if progress is not None:
+                await progress(self._progress(r, out, schedule, total, req))
+            return out
 
         result = await drive_async(draft_and_refine(x, schedule, req.mode, k, noise), evaluate)
         denoise_done = time.perf_counter()
 
         decoded = await infer(VAE_DECODER, {LATENT: result.sample.numpy()}, (IMAGE,))
-        image = np.asarray(decoded[IMAGE])[0].transpose(1, 2, 0)  # (H, W, 3) in [0, 1]
-        image = (image * 255).round().clip(0, 255).astype(np.uint8)  # as diffusers' postprocess
+        images = np.asarray(decoded[IMAGE]).transpose(0, 2, 3, 1)  # (n, H, W, 3) in [0, 1]
+        images = (images * 255).round().clip(0, 255).astype(np.uint8)  # as diffusers' postprocess
         end = time.perf_counter()
         return GenerateOutput(
-            image=image,
+            image=images,
             rounds=result.rounds,
             evaluations=result.evaluations,
             text_ms=(text_done - start) * 1e3,
@@ -265,6 +311,29 @@ class Orchestrator:
             host_ms=(denoise_done - text_done - waited[0]) * 1e3,
             decode_ms=(end - denoise_done) * 1e3,
         )
+
+    def _progress(self, r: Round, out: torch.Tensor, schedule, total: int, req) -> Progress:
+        """After round ``r``: how far the request is, and a preview of its furthest state's
+        prediction when asked (the latents drawn through the fitted linear map)."""
+        preview = None
+        if req.preview and self.settings.preview is not None:
+            n = req.num_images
+            last = len(r.steps) - 1
+            x, e = r.x[last * n : (last + 1) * n], out[last * n : (last + 1) * n]
+            j = r.steps[last]
+            if schedule.input_scales is not None:  # the round holds x as the model sees it
+                x = x / schedule.input_scales[j]
+            preview = preview_image(data_prediction(schedule, x, e, j), self.settings.preview)
+        return Progress(r.index + 1, total, max(r.steps) + 1, preview)
+
+    async def _encode_image(self, req, generators, infer: Infer) -> torch.Tensor:
+        """img2img: the image's latent, sampled from the VAE encoder's distribution with each
+        image's generator (diffusers' ``latent_dist.sample(generator)``), (n, C, h, w)."""
+        pixels = req.image.astype(np.float32).transpose(2, 0, 1)[None] / 255.0  # (1, 3, H, W)
+        encoded = await infer(VAE_ENCODER, {PIXELS: pixels}, (LATENT_MEAN, LATENT_STD))
+        mean = torch.from_numpy(np.asarray(encoded[LATENT_MEAN], dtype=np.float32))
+        std = torch.from_numpy(np.asarray(encoded[LATENT_STD], dtype=np.float32))
+        return torch.cat([mean + std * torch.randn(mean.shape, generator=g) for g in generators])
 
     def _in_served_dtypes(self, infer: Infer) -> Infer:
         """``infer`` that sends every input in the dtype the served spec names for it (float16
@@ -376,16 +445,35 @@ class Orchestrator:
         return out
 
 
+def _img2img_begin(scheduler, req: api.GenerateRequest) -> int:
+    """The first of the scheduler's timesteps an img2img request runs (diffusers'
+    ``get_timesteps``: the last ``int(steps * strength)`` steps); 0 without an image."""
+    if req.image is None:
+        return 0
+    run = min(int(req.steps * req.strength), req.steps)
+    begin = max(req.steps - run, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return begin
+
+
 class _DenoiserFeed:
     """One request's denoiser inputs: the round's states and timesteps in the engine's dtypes, and
     the text conditions, cast once and tiled once per shard size (they are the same in every
-    round and make up most of a request's bytes)."""
+    round and make up most of a request's bytes). Rows per state, as diffusers batches them:
+    with guidance the ``n`` images' unconditional rows, then their conditional rows."""
 
-    def __init__(self, family: FamilySpec, cond: Mapping[str, np.ndarray], cfg: bool):
+    def __init__(
+        self, family: FamilySpec, cond: Mapping[str, np.ndarray], cfg: bool, images: int = 1
+    ):
         spec = family.components[DENOISER]
         self.cfg = cfg
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
-        self._cond = {name: np.ascontiguousarray(v, self._dtypes[name]) for name, v in cond.items()}
+        # (uncond, cond) or (cond,) rows -> each repeated once per image
+        self._cond = {
+            name: np.ascontiguousarray(np.repeat(v, images, axis=0), self._dtypes[name])
+            for name, v in cond.items()
+        }
         self._tiled: dict[int, dict[str, np.ndarray]] = {}
 
     def feed(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, np.ndarray]:

@@ -15,6 +15,9 @@ Components (``ModelSpec.role``) and their tensors:
                       -> model_output (batch, C, latent_height, latent_width)  raw eps / v / flow
     vae_decoder       latent (batch, C, latent_height, latent_width)  as sampled (scaled)
                       -> image (batch, 3, height, width)  RGB in [0, 1] (clamped), NCHW
+    vae_encoder       pixels (batch, 3, height, width)  RGB in [0, 1], NCHW (img2img)
+                      -> latent_mean, latent_std (batch, C, latent_height, latent_width): the
+                         latent distribution, already scaled as the sampler's latents are
 
 ``timestep`` is float for every family: DDIM's integer timesteps are exact in float32, Euler's are
 fractional, and SD3's are sigma * 1000. String dims are dynamic axes; ints are fixed.
@@ -34,7 +37,8 @@ TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
 DENOISER = "denoiser"
 VAE_DECODER = "vae_decoder"
-ROLES = (TEXT_ENCODER, TEXT_ENCODER_2, DENOISER, VAE_DECODER)
+VAE_ENCODER = "vae_encoder"
+ROLES = (TEXT_ENCODER, TEXT_ENCODER_2, DENOISER, VAE_DECODER, VAE_ENCODER)
 TEXT_ROLES = (TEXT_ENCODER, TEXT_ENCODER_2)
 
 # Tensors.
@@ -50,6 +54,9 @@ POOLED_PROJECTIONS = "pooled_projections"
 MODEL_OUTPUT = "model_output"
 LATENT = "latent"
 IMAGE = "image"
+PIXELS = "pixels"
+LATENT_MEAN = "latent_mean"
+LATENT_STD = "latent_std"
 
 # Dynamic dims. latent_height = height // vae_scale_factor (same for width).
 BATCH = "batch"
@@ -59,9 +66,9 @@ LATENT_HEIGHT = "latent_height"
 LATENT_WIDTH = "latent_width"
 
 # How a component's batch range follows the number of drafts k.
-BATCH_CFG_DRAFTS = "cfg_drafts"  # 1 .. 2*k: a round of k drafts, each with its CFG pair
+BATCH_CFG_DRAFTS = "cfg_drafts"  # 1 .. 2*k*n: a round of k drafts of n images, with CFG pairs
 BATCH_CFG = "cfg"  # 1 .. 2: prompt and negative prompt
-BATCH_SINGLE = "single"  # 1: one final latent
+BATCH_SINGLE = "single"  # 1 .. n: one latent or image per image of the request
 
 Shape = tuple[int | str, ...]
 
@@ -129,10 +136,13 @@ class ModelSpec:
         """{tensor name: {axis: dim name}} over inputs and outputs, for torch.onnx.export."""
         return {t.name: t.dynamic_axes for t in self.inputs + self.outputs if t.dynamic_axes}
 
-    def max_batch(self, max_k: int) -> int:
-        """Largest batch this component sees with up to ``max_k`` drafts per round."""
+    def max_batch(self, max_k: int, max_images: int = 1) -> int:
+        """Largest batch this component sees with up to ``max_k`` drafts per round and
+        ``max_images`` images per request."""
         check_int("max_k", max_k, 1)
-        return {BATCH_CFG_DRAFTS: 2 * max_k, BATCH_CFG: 2, BATCH_SINGLE: 1}[self.batch]
+        check_int("max_images", max_images, 1)
+        sizes = {BATCH_CFG_DRAFTS: 2 * max_k * max_images, BATCH_CFG: 2, BATCH_SINGLE: max_images}
+        return sizes[self.batch]
 
     def dims(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Values of the dynamic dims for a batch of images of ``height`` x ``width`` pixels."""
@@ -152,14 +162,16 @@ class ModelSpec:
         opt_size: tuple[int, int],
         max_size: tuple[int, int],
         opt_batch: int | None = None,
+        max_images: int = 1,
     ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """TensorRT (min, opt, max) shape per input; sizes are (height, width) in pixels.
 
-        Batch runs from 1 to ``max_batch(max_k)``; opt is the max (a full round of CFG drafts)
-        unless ``opt_batch`` is given.
+        Batch runs from 1 to ``max_batch(max_k, max_images)``; opt is a full round of CFG drafts
+        of one image (``max_batch(max_k)``) unless ``opt_batch`` is given.
         """
-        top = self.max_batch(max_k)
-        opt_batch = top if opt_batch is None else opt_batch
+        top = self.max_batch(max_k, max_images)
+        if opt_batch is None:
+            opt_batch = self.max_batch(max_k)
         check_int("opt_batch", opt_batch, 1, top)
         points = [
             self.dims(1, *min_size),

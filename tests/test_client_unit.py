@@ -43,6 +43,11 @@ EVERY_INPUT = {
     api.HEIGHT.name: 256,
     api.WIDTH.name: 384,
     api.FANOUT.name: "batch",
+    api.NUM_IMAGES.name: 2,
+    api.SCHEDULER.name: "dpmpp_2m_karras",
+    api.INIT_IMAGE.name: np.arange(16 * 24 * 3, dtype=np.uint8).reshape(16, 24, 3),
+    api.STRENGTH.name: 0.5,
+    api.PREVIEW.name: True,
 }
 
 
@@ -100,7 +105,7 @@ def test_save_png_rejects_a_non_rgb_array(tmp_path):
 def test_build_inputs_sends_every_input_with_the_api_name_dtype_and_shape():
     inputs = build_inputs(**EVERY_INPUT)
     assert [(i.name(), i.datatype(), i.shape()) for i in inputs] == [
-        (f.name, f.dtype, [1]) for f in api.INPUTS
+        (f.name, f.dtype, [16, 24, 3] if f is api.INIT_IMAGE else [1]) for f in api.INPUTS
     ]
 
 
@@ -110,6 +115,8 @@ def test_build_inputs_encodes_the_values_the_server_will_decode():
         if f.dtype == "BYTES":
             (value,) = deserialize_bytes_tensor(raw)
             assert value.decode("utf-8") == EVERY_INPUT[f.name]
+        elif f is api.INIT_IMAGE:
+            assert raw == EVERY_INPUT[f.name].tobytes()
         else:
             (value,) = np.frombuffer(raw, dtype=api.NUMPY_DTYPES[f.dtype])
             assert value == np.array(EVERY_INPUT[f.name], dtype=api.NUMPY_DTYPES[f.dtype])
@@ -153,7 +160,9 @@ def test_generate_takes_one_keyword_per_api_input():
 
 def test_generate_result_has_one_field_per_api_output():
     names = [f.name for f in dataclasses.fields(GenerateResult)]
-    assert names[: len(api.OUTPUTS)] == [f.name for f in api.OUTPUTS]
+    # the model's `image` output is `images`: (num_images, H, W, 3) whatever num_images is
+    expected = ["images" if f is api.IMAGE else f.name for f in api.OUTPUTS]
+    assert names[: len(api.OUTPUTS)] == expected
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -181,15 +190,20 @@ GENERATE_FLAGS = [
     *("--seed", "9223372036854775807", "--steps", "20", "--guidance-scale", "7.5"),
     *("--mode", "conservative", "--k", "3", "--k-schedule", "tapered"),
     *("--height", "256", "--width", "384", "--fanout", "batch"),
+    *("--num-images", "2", "--scheduler", "dpmpp_2m_karras", "--strength", "0.5", "--preview"),
 ]
 
 
 def test_generate_flags_parse_to_the_request_of_every_input(tmp_path):
+    picture = save_png(EVERY_INPUT[api.INIT_IMAGE.name], tmp_path / "start.png")
     args = build_parser().parse_args(
-        ["generate", *GENERATE_FLAGS, "--out", str(tmp_path / "x.png"), "--url", "h:1"]
-        + ["--timeout", "30", "--wait", "5"]
+        ["generate", *GENERATE_FLAGS, "--image", str(picture), "--out", str(tmp_path / "x.png")]
+        + ["--url", "h:1", "--timeout", "30", "--wait", "5"]
     )
-    assert request_inputs(args) == EVERY_INPUT
+    request = request_inputs(args)
+    image = request.pop(api.INIT_IMAGE.name)
+    assert np.array_equal(image, EVERY_INPUT[api.INIT_IMAGE.name])  # read back from the file
+    assert request == {k: v for k, v in EVERY_INPUT.items() if k != api.INIT_IMAGE.name}
     assert (args.url, args.timeout, args.wait, args.out.name) == ("h:1", 30.0, 5.0, "x.png")
 
 

@@ -425,7 +425,7 @@ def test_fp16_views_keep_timesteps_float32_and_sdxls_vae_fp32():
     for name in ("sd21", "sdxl", "sd3"):
         fp16 = at_precision(FAMILIES[name], "fp16")
         for role, spec in fp16.components.items():
-            keep_fp32 = name == "sdxl" and role == tensors.VAE_DECODER
+            keep_fp32 = name == "sdxl" and role in (tensors.VAE_DECODER, tensors.VAE_ENCODER)
             assert spec.precision == ("fp32" if keep_fp32 else "fp16"), (name, role)
             for t in spec.inputs + spec.outputs:
                 if t.dtype == "int64":

@@ -13,7 +13,7 @@ import pytest
 
 from driffusion.cli import build_parser, main
 
-ROLES = ("text_encoder", "denoiser", "vae_decoder")
+ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")
 
 
 def make_parser():

@@ -117,7 +117,9 @@ class Serve:
 
 @pytest.fixture(scope="module")
 def repository(tiny_pipeline_dir, tmp_path_factory):
-    settings = RepositorySettings(denoiser_instances=2, orchestrator_instances=2, max_k=4)
+    settings = RepositorySettings(
+        denoiser_instances=2, orchestrator_instances=2, max_k=4, max_images=2
+    )
     out = tmp_path_factory.mktemp("hostile") / "repo"
     return build_repository(tiny_pipeline_dir, out, settings, progress=None)
 
@@ -228,7 +230,7 @@ def test_a_latent_larger_than_the_served_sizes_is_refused_before_decoding(serve,
 
 def test_a_denoiser_batch_past_the_largest_round_is_refused(serve, client):
     triton = grpcclient.InferenceServerClient(serve.grpc_url)
-    rows = 2 * 4 + 1  # max_k=4 drafts, each a CFG pair, plus one
+    rows = 2 * 4 * 2 + 1  # max_k=4 drafts of max_images=2 images, CFG pairs, plus one
     inputs = []
     for name, shape, dtype in (
         ("sample", [rows, 4, 8, 8], np.float32),
@@ -239,7 +241,7 @@ def test_a_denoiser_batch_past_the_largest_round_is_refused(serve, client):
         tensor.set_data_from_numpy(np.zeros(shape, dtype))
         inputs.append(tensor)
     with pytest.raises(
-        InferenceServerException, match=r"sample dim 0 \(batch\) must be in \[1, 8\]"
+        InferenceServerException, match=r"sample dim 0 \(batch\) must be in \[1, 16\]"
     ):
         triton.infer("denoiser", inputs)
     serves_normally(client)

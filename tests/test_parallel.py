@@ -229,3 +229,39 @@ def test_a_run_that_is_no_slice_of_the_timesteps_is_refused(pipe):
 def family_of(pipe) -> str:
     name = type(pipe).__name__
     return "sd3" if "3" in name else "sdxl" if "XL" in name else "sd21"
+
+
+def test_step_callbacks_see_each_steps_latents(pipe):
+    """``callback_on_step_end`` under parallelize gets the refined state of every step (k=1:
+    the pipeline's own, step by step), not the final latents over and over."""
+
+    def latents_per_step(**kwargs):
+        seen = []
+
+        def record(pipeline, i, t, tensors):
+            seen.append(tensors["latents"].clone())
+            return tensors
+
+        pipe(
+            "a red cube",
+            num_inference_steps=STEPS,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            callback_on_step_end=record,
+            **kwargs,
+        )
+        return seen
+
+    reference = latents_per_step()
+    parallelize(pipe, mode="aggressive", k=1)
+    try:
+        k1 = latents_per_step()
+        parallelize(pipe, mode="aggressive", k=4)
+        k4 = latents_per_step()
+    finally:
+        pipe.driffusion.restore()
+    assert len(k1) == len(k4) == len(reference) == STEPS
+    for ours, theirs in zip(k1, reference, strict=True):
+        assert (ours - theirs).abs().max() < 1e-4
+    assert all(not torch.equal(a, b) for a, b in zip(k4, k4[1:], strict=False))

@@ -7,6 +7,7 @@ import hashlib
 from driffusion.export.tiny import build_tiny_pipeline
 from driffusion.model_repository.build import (
     ORCHESTRATOR,
+    STREAM,
     RepositorySettings,
     build_repository,
     read_manifest,
@@ -20,7 +21,7 @@ def digest(path) -> str:
 
 def test_the_repository_holds_every_model_with_a_config_triton_parses(tiny_repository):
     names = {p.parent.name for p in tiny_repository.glob("*/config.pbtxt")}
-    assert names == {"text_encoder", "denoiser", "vae_decoder", ORCHESTRATOR}
+    assert names == {"text_encoder", "denoiser", "vae_decoder", "vae_encoder", ORCHESTRATOR, STREAM}
     for name in names:
         config = parse_config((tiny_repository / name / "config.pbtxt").read_text())
         assert config.name == name and config.backend == "python"
@@ -71,7 +72,7 @@ def test_repositories_that_differ_only_in_settings_share_their_exports(tiny_pipe
     other = RepositorySettings(denoiser_instances=2, max_k=4, emulated_latency_ms=10)
     build_repository(tiny_pipeline_dir, tmp_path / "b", other, progress=said.append)
     assert not any("exporting" in line for line in said)
-    for role in ("text_encoder", "denoiser", "vae_decoder"):
+    for role in ("text_encoder", "denoiser", "vae_decoder", "vae_encoder"):
         a, b = (tmp_path / r / role / "1" / "model.onnx" for r in ("a", "b"))
         assert a.stat().st_ino == b.stat().st_ino or digest(a) == digest(b)
 

@@ -65,9 +65,10 @@ def test_sequential_matches_the_diffusers_pipeline(orchestrator, infer, tiny_pip
         seed=7,
         mode="sequential",
     )
-    assert out.image.shape == ref.shape and out.image.dtype == np.uint8
+    (image,) = out.image  # (1, H, W, 3): one image
+    assert image.shape == ref.shape and image.dtype == np.uint8
     # ONNX Runtime vs torch differ by ~1e-6: at most one uint8 level after rounding.
-    assert np.abs(out.image.astype(int) - ref).max() <= 1
+    assert np.abs(image.astype(int) - ref).max() <= 1
 
 
 def test_rounds_and_denoiser_batches_follow_the_plan(orchestrator, infer):

@@ -79,8 +79,8 @@ def test_the_ramp_k_schedule_runs_the_blocks_it_names(client):
 
 
 BAD_INPUTS = [  # (inputs, text the INVALID_ARG message must contain)
-    ({"steps": 0}, "steps must be in [1, 1000], got 0"),
-    ({"steps": 1001}, "steps must be in [1, 1000], got 1001"),
+    ({"steps": 0}, "steps must be in [1, 999], got 0"),  # DDIM, steps_offset=1: 999 at most
+    ({"steps": 1000}, "steps must be in [1, 999], got 1000"),
     ({"k": 0}, "k must be in [1, 8 = min(steps=20, max_k=8)], got 0"),
     ({"k": 9}, "k must be in [1, 8 = min(steps=20, max_k=8)], got 9"),
     ({"k": 3, "steps": 2}, "k must be in [1, 2 = min(steps=2, max_k=8)], got 3"),

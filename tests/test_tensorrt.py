@@ -182,7 +182,7 @@ def tensorrt_repository(tiny_pipeline_dir, tmp_path_factory):
 def test_repository_has_an_engine_and_a_tensorrt_config_per_component(tensorrt_repository):
     out, builder, _ = tensorrt_repository
     roles = [c.spec.role for c in builder.calls]
-    assert roles == ["text_encoder", "denoiser", "vae_decoder"]
+    assert roles == ["text_encoder", "denoiser", "vae_decoder", "vae_encoder"]
     for role in roles:
         assert (out / role / "1" / ENGINE_FILE).read_bytes().endswith(role.encode())
         config = parse_config((out / role / "config.pbtxt").read_text())
@@ -209,7 +209,8 @@ def test_engines_are_built_from_onnx_outside_the_repository_with_the_spec_profil
     assert len(denoiser.profiles) == 2
     for profile, opt in zip(denoiser.profiles, (2 * MAX_K, 2), strict=True):
         batches = {name: [s[0] for s in shapes] for name, shapes in profile.items()}
-        assert batches == {name: [1, opt, 2 * MAX_K] for name in denoiser.spec.input_names}
+        top = 2 * MAX_K * RepositorySettings().max_images  # every draft of every image, CFG pairs
+        assert batches == {name: [1, opt, top] for name in denoiser.spec.input_names}
     assert all(len(c.profiles) == 1 for c in builder.calls if c.spec.role != DENOISER)
     assert not any(p.suffix == ".onnx" for p in out.rglob("*"))  # no ONNX inside the repository
 

@@ -54,11 +54,11 @@ def onnx_image(tiny_repository, **fields) -> np.ndarray:
         for f in api.INPUTS
         if (v := fields.get(f.name)) is not None
     }
-    return asyncio.run(orchestrator.generate(orchestrator.parse(values), infer)).image
+    return asyncio.run(orchestrator.generate(orchestrator.parse(values), infer)).image[0]
 
 
 def test_components_are_python_models_running_torch(repository):
-    for role in ("text_encoder", "denoiser", "vae_decoder"):
+    for role in ("text_encoder", "denoiser", "vae_decoder", "vae_encoder"):
         config = parse_config((repository / role / "config.pbtxt").read_text())
         assert config.backend == "python" and config.parameters["dtype"].string_value == "float32"
         assert (repository / role / "1" / "component" / "component.json").exists()

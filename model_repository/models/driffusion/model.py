@@ -16,6 +16,7 @@ All logic (validation, tokenization, DRiffusion rounds, guidance) is in the plai
 """
 
 import asyncio
+import json
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,9 @@ def to_numpy(tensor) -> np.ndarray:
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
+        config = json.loads(args["model_config"])
+        # driffusion_stream: a response per round, then the images (gRPC streaming clients)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.orchestrator = Orchestrator.load(folder)
         self.logger = pb_utils.Logger
         self.metrics = Metrics()
@@ -98,9 +102,35 @@ class TritonPythonModel:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="driffusion-bls")
 
     async def execute(self, requests):
-        return list(await asyncio.gather(*(self._handle(r) for r in requests)))
+        if not self.decoupled:
+            return list(await asyncio.gather(*(self._handle(r) for r in requests)))
+        await asyncio.gather(*(self._stream(r) for r in requests))
+        return None
 
-    async def _handle(self, request):
+    async def _stream(self, request):
+        """Progress responses after each round, then the images with the final flag."""
+        sender = request.get_response_sender()
+        received = time.monotonic()
+
+        async def progress(p):
+            values = {
+                api.ROUND.name: p.round,
+                api.ROUNDS.name: p.rounds,
+                api.STEPS_DONE.name: p.steps_done,
+                api.ELAPSED_MS.name: (time.monotonic() - received) * 1e3,
+            }
+            tensors = [
+                pb_utils.Tensor(f.name, np.array([values[f.name]], dtype=api.NUMPY_DTYPES[f.dtype]))
+                for f in (api.ROUND, api.ROUNDS, api.STEPS_DONE, api.ELAPSED_MS)
+            ]
+            if p.preview is not None:
+                tensors.append(pb_utils.Tensor(api.PREVIEW_IMAGE.name, p.preview))
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+
+        response = await self._handle(request, progress)
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    async def _handle(self, request, progress=None):
         error = pb_utils.TritonError
         received = time.monotonic()
         try:
@@ -116,7 +146,7 @@ class TritonPythonModel:
         start = time.perf_counter()
         try:
             out = await self.orchestrator.generate(
-                req, self._infer, request.is_cancelled, deadline=deadline
+                req, self._infer, request.is_cancelled, deadline=deadline, progress=progress
             )
         except RequestCancelled as exc:
             self.metrics.request(req.mode, "cancelled")
