@@ -537,8 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-n",
         type=positive_int,
-        default=10,
-        help="most images per request, n (default %(default)s)",
+        default=4,
+        help="most images per request, n (default %(default)s, as serve's --max-images, which "
+        "also applies where the server takes n as one request)",
     )
     p.add_argument(
         "--log-level",

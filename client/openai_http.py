@@ -78,14 +78,19 @@ ONLY_VALUES = {
     "stream": (False,),
     "partial_images": (0,),
 }
-# Request inputs that the translation sets itself (prompt, size, n) or that are not scalars.
+# Request inputs that the translation sets itself (prompt, size, n).
 _TRANSLATED = {"prompt", "height", "width", NUM_IMAGES}
+# Inputs not offered here: img2img's (an image belongs to OpenAI's /v1/images/edits, not served)
+# and the streaming model's preview switch.
+NOT_OVER_HTTP = {"image", "strength", "preview"}
 _GENERATE_PARAMETERS = set(inspect.signature(DriffusionClient.generate).parameters)
 # Our own fields: every one-element input of the served API that the client can send.
 EXTRA_FIELDS = tuple(
     f.name
     for f in api.INPUTS
-    if f.name not in _TRANSLATED and f.dims == (1,) and f.name in _GENERATE_PARAMETERS
+    if f.name not in _TRANSLATED | NOT_OVER_HTTP
+    and f.dims == (1,)
+    and f.name in _GENERATE_PARAMETERS
 )
 CLIENT_SENDS_NUM_IMAGES = NUM_IMAGES in _GENERATE_PARAMETERS
 _PARAM_OF = {"height": "size", "width": "size", NUM_IMAGES: "n"}  # server input -> HTTP field
@@ -107,7 +112,7 @@ class HttpSettings:
     max_concurrency: int = 4  # requests sent to Triton at once
     max_queue: int = 64  # requests waiting for one of those slots; 429 beyond
     timeout_s: float = 300.0  # per request, queueing included; the rest is the gRPC deadline
-    max_n: int = 10  # images per request (OpenAI's own cap for n)
+    max_n: int = 4  # images per request (as serve's --max-images default)
     metadata_ttl_s: float = 10.0  # how long the model's input list is trusted
     use_num_images: bool = True  # n as one request where the server lists num_images
 

@@ -297,14 +297,14 @@ def test_a_bad_field_gets_400_with_the_servers_message(sdk, grpc, fields):
     ("kwargs", "param", "words"),
     [
         (dict(response_format="url"), "response_format", "use response_format='b64_json'"),
-        (dict(n=0), "n", "n must be an integer in [1, 10]"),
-        (dict(n=11), "n", "n must be an integer in [1, 10]"),
+        (dict(n=0), "n", "n must be an integer in [1, 4]"),
+        (dict(n=5), "n", "n must be an integer in [1, 4]"),
         (dict(prompt=""), "prompt", "prompt must not be empty"),  # the server's
         (dict(extra_body={"steps": "two"}), "steps", "steps must be Integral"),  # the client's
         (dict(extra_body={"stepz": 2}), "stepz", "Unrecognized request argument"),
         (dict(extra_body={"output_format": "jpeg"}), "output_format", "PNG"),
     ],
-    ids=["url", "n0", "n11", "empty-prompt", "steps-type", "unknown", "jpeg"],
+    ids=["url", "n0", "n5", "empty-prompt", "steps-type", "unknown", "jpeg"],
 )
 def test_what_the_translation_cannot_serve_gets_400_naming_the_field(sdk, kwargs, param, words):
     request = dict(model=MODEL, prompt="x", size="64x64", response_format="b64_json")
@@ -431,7 +431,10 @@ def test_translation_maps_openai_fields_and_passes_ours_through():
 def test_every_scalar_input_of_the_served_api_is_a_field_of_ours():
     sendable = set(oh._GENERATE_PARAMETERS)
     expected = {f.name for f in oh.api.INPUTS if f.dims == (1,) and f.name in sendable}
-    assert set(oh.EXTRA_FIELDS) == expected - {"prompt", "height", "width", oh.NUM_IMAGES}
+    assert set(oh.EXTRA_FIELDS) == expected - {"prompt", "height", "width", oh.NUM_IMAGES} - {
+        "strength",
+        "preview",
+    }
 
 
 def test_keys_come_from_flags_and_the_environment():
