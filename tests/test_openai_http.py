@@ -207,9 +207,12 @@ def test_n_images_equal_the_single_image_requests_of_seeds_seed_to_seed_plus_n_m
     response = generate(sdk, n=3, seed=5, negative_prompt="noise", guidance_scale=2.0)
     images = [decode(item) for item in response.data]
     assert len(images) == 3 and response.driffusion["seeds"] == [5, 6, 7]
+    # n requests (no num_images on the server): the very images; one batched request: rows of
+    # the same denoiser calls, within one uint8 level (equal on this CPU when last measured)
+    bound = 1 if response.driffusion["batched"] else 0
     for i, image in enumerate(images):
         (single,) = generate(sdk, seed=5 + i, negative_prompt="noise", guidance_scale=2.0).data
-        np.testing.assert_array_equal(image, decode(single))
+        assert np.abs(image.astype(int) - decode(single).astype(int)).max() <= bound
     assert not np.array_equal(images[0], images[1])
 
 
@@ -220,7 +223,9 @@ def test_n_images_without_a_seed_start_at_the_servers_default_seed(sdk):
 
 
 def test_num_images_is_used_exactly_when_the_server_lists_it(sdk, triton):
-    inputs = oh.Backend(oh.HttpSettings(triton_url=triton)).inputs()
+    backend = oh.Backend(oh.HttpSettings(triton_url=triton))
+    inputs = backend.inputs()
+    backend.close()
     response = generate(sdk, n=2, seed=9)
     batched = oh.NUM_IMAGES in inputs and oh.CLIENT_SENDS_NUM_IMAGES
     assert response.driffusion["batched"] is batched
@@ -235,6 +240,7 @@ def test_num_images_and_n_requests_give_the_same_images(triton):
     t = oh.translate({"prompt": "a dot", "n": 3, "seed": 2, "steps": 2}, fallback.settings)
     deadline = time.monotonic() + 120
     one, many = backend.generate(t, deadline), fallback.generate(t, deadline)
+    backend.close(), fallback.close()
     assert one.batched and not many.batched and one.seeds == many.seeds == [2, 3, 4]
     for a, b in zip(one.images, many.images, strict=True):
         # the bound the server states for batched rows (README, num_images)
