@@ -368,6 +368,37 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _http(args: argparse.Namespace) -> int:
+    """Serve OpenAI's Images API (POST /v1/images/generations) in front of a Triton server."""
+    try:
+        from driffusion.client.openai_http import HttpSettings, api_keys_from, serve_http
+    except ModuleNotFoundError as e:
+        raise ValueError(
+            f"driffusion http needs the server extra (pip install 'driffusion[server]'): {e}"
+        ) from None
+
+    settings = HttpSettings(
+        triton_url=args.triton_url,
+        model=args.model,
+        api_keys=api_keys_from(args.api_key),
+        max_body_bytes=int(args.max_body_kb * 1024),
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        max_n=args.max_n,
+    )
+    where = f"http://{args.address}:{args.port}/v1/images/generations"
+    _say(f"driffusion http: {where} -> model {args.model!r} at {args.triton_url}")
+    if settings.api_keys:
+        _say(f"authentication: Bearer key required ({len(settings.api_keys)} key(s))")
+    else:
+        _say(
+            "authentication: none (no --api-key and no $DRIFFUSION_API_KEYS): anyone who reaches "
+            "this port can generate"
+        )
+    return serve_http(settings, args.address, args.port, log_level=args.log_level)
+
+
 def _gmm_demo(args: argparse.Namespace) -> int:
     """Sample an exact Gaussian-mixture model sequentially and with DRiffusion; print the table."""
     from driffusion.gmm import demo_table
@@ -483,6 +514,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, help="also write both images as PNG here")
     _connection_flags(p)
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser(
+        "http",
+        help=_help(_http),
+        description=_help(_http)
+        + " Also GET /v1/models and GET /health. A thin translator onto the gRPC API: the server "
+        "validates every field. Needs the server extra (starlette, uvicorn).",
+    )
+    p.add_argument(
+        "--triton-url",
+        default=DEFAULT_URL,
+        help="Triton gRPC endpoint host:port (default %(default)s)",
+    )
+    p.add_argument(
+        "--address",
+        default="127.0.0.1",
+        help="bind address (default %(default)s: this machine only; 0.0.0.0 exposes it)",
+    )
+    p.add_argument("--port", type=int, default=8080, help="HTTP port (default %(default)s)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept requests with 'Authorization: Bearer KEY' (repeatable); keys also come from "
+        "$DRIFFUSION_API_KEYS, comma-separated, which keeps them out of `ps`; with none, no "
+        "authentication",
+    )
+    p.add_argument(
+        "--model",
+        default="driffusion",
+        help="the Triton model, also the one model name served (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        default=4,
+        help="requests sent to Triton at once (default %(default)s; match serve's "
+        "--orchestrator-instances)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting for a slot; beyond, 429 at once (default %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="per request, queueing included; the rest is the gRPC deadline; 504 beyond "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-kb",
+        type=float,
+        default=1024.0,
+        help="largest request body; 413 beyond (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-n",
+        type=positive_int,
+        default=4,
+        help="most images per request, n (default %(default)s, as serve's --max-images, which "
+        "also applies where the server takes n as one request)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="default %(default)s (info logs each request's line)",
+    )
+    p.set_defaults(func=_http)
 
     p = sub.add_parser("gmm-demo", help=_help(_gmm_demo), description=_help(_gmm_demo))
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps S (default 50)")
