@@ -63,7 +63,7 @@ log = logging.getLogger("driffusion.http")
 API_KEYS_ENV = "DRIFFUSION_API_KEYS"  # comma-separated keys, so that they need not be in `ps`
 DEFAULT_MODEL = "driffusion"
 DEFAULT_SEED = 0  # the server's default seed (api.parse_request): image i of n is seed + i
-NUM_IMAGES = "num_images"  # the server's n-images input, where the model lists it
+NUM_IMAGES = api.NUM_IMAGES.name  # the input n maps to
 MAX_SIDE_DIGITS = 5  # "WxH": anything longer is not a size (the server checks the range)
 OWNED_BY = "driffusion"
 

@@ -65,7 +65,10 @@ def test_served_images_match_the_library(pipe, tmp_path, start_triton_server):
     from driffusion.client import DriffusionClient
     from driffusion.model_repository.build import RepositorySettings, build_repository
 
-    repo = build_repository(EMBEDDED, tmp_path / "repo", RepositorySettings(), progress=None)
+    settings = RepositorySettings(
+        denoiser_instances=1, orchestrator_instances=1, stream_instances=0
+    )
+    repo = build_repository(EMBEDDED, tmp_path / "repo", settings, progress=None)
     server = start_triton_server(repo)
     with DriffusionClient(server.grpc_url) as client:
         client.wait_ready(timeout_s=120)

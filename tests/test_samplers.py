@@ -230,7 +230,7 @@ QUALITY = {  # the served sampler configurations, on the exact mixture
 }
 
 
-@pytest.mark.parametrize("steps", [20, 30])
+@pytest.mark.parametrize("steps", [20, pytest.param(30, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", QUALITY)
 def test_drafts_keep_the_distribution_on_the_exact_mixture(mixture, name, steps):
     """Sliced W1 to 4000 exact data draws stays within 5% of the sequential sampler's. Every run
