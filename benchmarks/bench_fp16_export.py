@@ -1,6 +1,6 @@
 """fp16 ONNX export, two ways, on the tiny SD2.1 / SDXL / SD3 pipelines: time and error.
 
-    .venv/bin/python benchmarks/bench_fp16_export.py [--out /tmp/fp16-bench]
+    .venv/bin/python benchmarks/bench_fp16_export.py [--out /tmp/fp16-bench] [--write]
 
 Per component: seconds to export fp32; seconds to export fp16 by tracing the torch model in fp16
 (driffusion's way, ``export.onnx``); and, when onnxconverter-common is installed (it is not a
@@ -8,6 +8,8 @@ dependency), seconds to convert the fp32 file with its ``convert_float_to_float1
 (keep_io_types) and whether the result is a valid graph (ONNX strict type inference). Error:
 max |out - torch fp32| / max |torch fp32| at batch 2, default size, the fp16 file run in the
 graph's own types (onnx.reference; ONNX Runtime where it has every kernel). One CPU thread.
+``--write`` puts the table into the ``fp16-export`` section of BENCHMARKS.md (install
+onnxconverter-common==1.16.0 first for its two columns).
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_export import run_as_typed  # noqa: E402  (the tests' runner: same numbers as the tests)
 
-from driffusion.export.onnx import export_component, wrap_component  # noqa: E402
+from driffusion.export.introspect import family_for_pipeline  # noqa: E402
+from driffusion.export.onnx import export_component  # noqa: E402
 from driffusion.export.tiny import build_tiny_pipeline, load_tiny_pipeline  # noqa: E402
-from driffusion.specs import at_precision, family_for_pipeline  # noqa: E402
+from driffusion.export.wrappers import wrap_component  # noqa: E402
+from driffusion.families import at_precision  # noqa: E402
+from report import write_section  # noqa: E402
 
 
 def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
@@ -54,6 +59,7 @@ def convert_with_onnxconverter(path32: Path, path: Path) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -88,16 +94,27 @@ def main() -> None:
             ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
             err = max(rel_err(g, r) for g, r in zip(run_as_typed(p16, x), ref, strict=True))
             rows.append((name, role, spec.precision, t32, t16, err, tconv, status))
-    print(
+    lines = [
+        "## fp16 export (`benchmarks/bench_fp16_export.py`)",
+        "",
+        "Tiny random-weight pipelines (64 px, batch 2, one CPU thread). *fp16 error*: max |fp16 "
+        "file - torch fp32| / max |torch fp32|, the fp16 file run in its own types by "
+        "onnx.reference. *onnxconverter*: onnxconverter-common's `convert_float_to_float16"
+        "(keep_io_types=True)` on the fp32 file (not a dependency; installed by hand for the "
+        "run), checked by ONNX's strict type inference.",
+        "",
         "| family | component | weights | fp32 export s | fp16 trace s | fp16 error | "
-        "onnxconverter s | onnxconverter result |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+        "onnxconverter s | onnxconverter result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, role, precision, t32, t16, err, tconv, status in rows:
-        print(
+        lines.append(
             f"| {name} | {role} | {precision} | {t32:.2f} | {t16:.2f} | {err:.1e} | "
             f"{tconv:.2f} | {status} |"
         )
+    print("\n".join(lines))
+    if args.write:
+        write_section("fp16-export", "\n".join(lines))
 
 
 if __name__ == "__main__":
