@@ -274,6 +274,10 @@ def run_server(pipeline: Path, work: Path, instances: int, configs, args, dist) 
     build_repository(pipeline, repository, settings, progress=lambda m: say(str(m)))
     say(f"repository with {instances} denoiser instances built in {time.perf_counter() - t0:.0f} s")
     log = (args.out or work) / f"server-{instances}.log"
+    # Each python-backend worker maps a shared-memory region of this size at start (it grows for
+    # larger requests): smaller where /dev/shm is small, as in some containers.
+    workers = instances + 3  # + text encoder, VAE decoder, orchestrator
+    shm = 16 * MIB if shutil.disk_usage("/dev/shm").free > 4 * workers * 16 * MIB else 4 * MIB
     server = TritonServer.on_free_ports(
         repository,
         distribution=dist,
@@ -281,6 +285,7 @@ def run_server(pipeline: Path, work: Path, instances: int, configs, args, dist) 
         log_path=log,
         start_timeout_s=600,
         thread_pool_size=bls_thread_pool_size(repository),
+        shm_default_byte_size=shm,
     )
     t0 = time.perf_counter()
     try:

@@ -88,14 +88,15 @@ with tarfile.open(sys.argv[1]) as pack:
     pack.extractall(sys.argv[2], **kw)' "$carry/triton-server.tar.xz" "$tmp/triton" || return 2
   fi
   du -sh "$tmp/triton"
+  df -h /dev/shm "$tmp" | sed 's/^/  /' # the python backend's shared memory; the models' files
 
   echo "== 2. environments ($(($(date +%s) - begin)) s)"
-  make_env "$tmp/models" numpy diffusers importlib_metadata driffusion || return 2
+  make_env "$tmp/models" numpy diffusers importlib_metadata driffusion || served_ok=0
   make_env "$tmp/driver" diffusers importlib_metadata tritonclient python_rapidjson protobuf \
-    driffusion || return 2
+    driffusion || return 2 # every step needs it
 
   echo "== 3. checks ($(($(date +%s) - begin)) s)"
-  "$tmp/models/bin/python" -c 'import numpy, torch, diffusers, transformers, driffusion
+  [ "$served_ok" = 1 ] && "$tmp/models/bin/python" -c 'import numpy, torch, diffusers, transformers, driffusion
 import driffusion.service, driffusion.export.torch_modules
 assert int(numpy.__version__.split(".")[0]) < 2, f"numpy {numpy.__version__}: the stub needs numpy<2"
 assert torch.from_numpy(numpy.arange(3.0)).numpy().sum() == 3
@@ -110,7 +111,8 @@ print("models: numpy", numpy.__version__, "torch", torch.__version__, "diffusers
     if [ ! -f "$binary" ]; then
       echo "missing: $binary (the pack has stubs for 3.11 and 3.12)"
       served_ok=0
-    elif LD_LIBRARY_PATH="$tmp/triton/nvidia_pytriton.libs:$libdir" ldd "$binary" | grep "not found"; then
+    elif LD_LIBRARY_PATH="$tmp/triton/nvidia_pytriton.libs:$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+      ldd "$binary" | grep "not found"; then
       echo "unresolved libraries of $binary (above)"
       served_ok=0
     fi
