@@ -1,7 +1,13 @@
-"""Write one section of BENCHMARKS.md, leaving the other sections as they are."""
+"""Write one section of BENCHMARKS.md, leaving the other sections as they are.
+
+Environment: ``DRIFFUSION_BENCHMARKS`` writes into another copy of BENCHMARKS.md (a run on a lent
+machine, a dry run); ``DRIFFUSION_COMMIT`` names the commit where the checkout has no git (a
+copy of the working tree).
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -9,7 +15,10 @@ import sys
 from datetime import date
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+BENCHMARKS = Path(
+    os.environ.get("DRIFFUSION_BENCHMARKS")
+    or Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+)
 HEADER = "# Benchmarks\n\nEvery section is written by the script it names; rerun it to refresh.\n"
 
 
@@ -23,17 +32,19 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def write_section(name: str, body: str) -> None:
     """Replace the section ``name`` (between its markers) in BENCHMARKS.md, or append it."""
     command = " ".join([Path(sys.executable).name, *sys.argv]).replace(str(Path.cwd()) + "/", "")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:  # no git
+        commit = ""
+    commit = commit or os.environ.get("DRIFFUSION_COMMIT", "")
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     block = (
         f"{begin}\n{body.rstrip()}\n\n_Command: `{command}`; machine: {machine()}; "

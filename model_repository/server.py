@@ -13,6 +13,10 @@ What the stub needs (docs/facts.md): the wheel's ``nvidia_pytriton.libs`` on LD_
 (without it the server hangs), the folder of this interpreter's ``libpython3.x.so`` too (else it
 binds the system's), and this interpreter's ``bin`` first on PATH (that is how the stub finds the
 venv's packages).
+
+Where the wheel is not installed, ``distribution=TritonDistribution.from_folder(folder)`` runs its
+server from its parts unpacked into ``folder`` (``benchmarks/gpu/pack_server.sh``); ``python=``
+runs the models in another virtual environment than the caller's (its ``bin`` first on PATH).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from . import paths
 
 _PIP_HINT = "install the server extra: pip install 'driffusion[server]'"
 _SHM_DIR = Path("/dev/shm")
+STUB = "triton_python_backend_stub"
 
 
 Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -95,7 +100,8 @@ class Stub:
 
 @dataclass(frozen=True)
 class TritonDistribution:
-    """Files of the tritonserver shipped in the nvidia-pytriton wheel."""
+    """Files of the tritonserver shipped in the nvidia-pytriton wheel (installed, or a folder laid
+    out as the wheel installs it: :meth:`from_folder`)."""
 
     binary: Path  # tritonserver executable
     libs_dir: Path  # nvidia_pytriton.libs: libcudart & co., needed even on CPU
@@ -104,6 +110,51 @@ class TritonDistribution:
     stub: Path  # triton_python_backend_stub for the running Python version
     version: str  # nvidia-pytriton version
 
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike, version: str | None = None) -> TritonDistribution:
+        """The server under ``root``, a folder with the wheel's layout: a ``site-packages`` that
+        holds the installed wheel, or the parts of it unpacked elsewhere
+        (``benchmarks/gpu/pack_server.sh``)::
+
+            root/pytriton/tritonserver/bin/tritonserver
+            root/pytriton/tritonserver/backends/python/{libtriton_python.so, ..._utils.py}
+            root/pytriton/tritonserver/python_backend_stubs/<3.x>/triton_python_backend_stub
+            root/nvidia_pytriton.libs/                    (libcudart, libtritonserver, ...)
+            root/nvidia_pytriton-<version>.dist-info/     (optional: the version)
+
+        ``version``: default from the ``dist-info`` folder's name, else ``"unknown"``. Raises
+        ``TritonServerError`` naming what is missing, including a stub for this Python.
+        """
+        root = Path(root).resolve()
+        if version is None:
+            infos = sorted(root.glob("nvidia_pytriton-*.dist-info"))
+            version = (
+                infos[-1].name.removeprefix("nvidia_pytriton-").removesuffix(".dist-info")
+                if infos
+                else None
+            )
+        server_dir = root / "pytriton" / "tritonserver"
+        backend = server_dir / "backends" / "python"
+        python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        dist = cls(
+            binary=server_dir / "bin" / "tritonserver",
+            libs_dir=root / "nvidia_pytriton.libs",
+            backend_lib=backend / "libtriton_python.so",
+            backend_utils=backend / "triton_python_backend_utils.py",
+            stub=server_dir / "python_backend_stubs" / python_version / STUB,
+            version=version or "unknown",
+        )
+        missing = [dist.binary, dist.libs_dir, dist.backend_lib, dist.backend_utils]
+        missing = [str(p) for p in missing if not p.exists()]
+        if missing:
+            raise TritonServerError(f"{root}: no complete tritonserver, missing {missing}")
+        if not dist.stub.exists():
+            raise TritonServerError(
+                f"{root}: nvidia-pytriton {dist.version} has no python-backend stub for Python "
+                f"{python_version} (looked for {dist.stub})"
+            )
+        return dist
+
 
 def locate_tritonserver() -> TritonDistribution:
     """Find tritonserver and the python backend inside the installed ``pytriton`` package."""
@@ -111,27 +162,13 @@ def locate_tritonserver() -> TritonDistribution:
         import pytriton
     except ImportError as exc:
         raise TritonServerError(f"nvidia-pytriton is not installed; {_PIP_HINT}") from exc
-    root = Path(pytriton.__file__).resolve().parent
-    server_dir = root / "tritonserver"
-    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    dist = TritonDistribution(
-        binary=server_dir / "bin" / "tritonserver",
-        libs_dir=root.parent / "nvidia_pytriton.libs",
-        backend_lib=server_dir / "backends" / "python" / "libtriton_python.so",
-        backend_utils=server_dir / "backends" / "python" / "triton_python_backend_utils.py",
-        stub=server_dir / "python_backend_stubs" / python_version / "triton_python_backend_stub",
-        version=importlib.metadata.version("nvidia-pytriton"),
-    )
-    missing = [str(p) for p in (dist.binary, dist.libs_dir, dist.backend_lib, dist.backend_utils)]
-    missing = [p for p in missing if not Path(p).exists()]
-    if missing:
-        raise TritonServerError(f"nvidia-pytriton is incomplete, missing {missing}; {_PIP_HINT}")
-    if not dist.stub.exists():
-        raise TritonServerError(
-            f"nvidia-pytriton {dist.version} has no python-backend stub for Python "
-            f"{python_version} (looked for {dist.stub})"
+    site = Path(pytriton.__file__).resolve().parent.parent
+    try:
+        return TritonDistribution.from_folder(
+            site, version=importlib.metadata.version("nvidia-pytriton")
         )
-    return dist
+    except TritonServerError as exc:
+        raise TritonServerError(f"nvidia-pytriton is incomplete: {exc}; {_PIP_HINT}") from exc
 
 
 def prepare_backend_directory(dist: TritonDistribution, cache_dir: Path | None = None) -> Path:
@@ -172,16 +209,43 @@ def find_free_ports(count: int = 1, host: str = "127.0.0.1") -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-def server_environment(dist: TritonDistribution, base: dict[str, str] | None = None) -> dict:
-    """Environment for tritonserver and its python stubs (see the module docstring)."""
+def server_environment(
+    dist: TritonDistribution,
+    base: dict[str, str] | None = None,
+    python: str | os.PathLike | None = None,
+) -> dict:
+    """Environment for tritonserver and its python stubs (see the module docstring).
+
+    ``python``: the interpreter whose environment the stubs run in (its ``bin`` first on PATH, its
+    libpython's folder on LD_LIBRARY_PATH); default the running one.
+    """
     env = dict(os.environ if base is None else base)
-    lib_dirs = [str(dist.libs_dir), sysconfig.get_config_var("LIBDIR") or ""]
+    if python is None:
+        venv_bin, libdir = Path(sys.executable).parent, sysconfig.get_config_var("LIBDIR") or ""
+    else:  # not resolved: a virtual environment's bin/python links to its base interpreter
+        venv_bin, libdir = Path(python).absolute().parent, python_info(python)[1]
+    lib_dirs = [str(dist.libs_dir), libdir]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in [*lib_dirs, env.get("LD_LIBRARY_PATH", "")] if p
     )
-    venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join(p for p in [venv_bin, env.get("PATH", "")] if p)
+    env["PATH"] = os.pathsep.join(p for p in [str(venv_bin), env.get("PATH", "")] if p)
     return env
+
+
+def python_info(python: str | os.PathLike) -> tuple[str, str]:
+    """(``"3.x"``, the folder of its libpython) of another interpreter, asked by running it."""
+    code = (
+        "import sys, sysconfig; print(f'{sys.version_info[0]}.{sys.version_info[1]}'); "
+        "print(sysconfig.get_config_var('LIBDIR') or '')"
+    )
+    try:
+        done = subprocess.run(
+            [str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise TritonServerError(f"python {python}: cannot be run ({exc})") from exc
+    version, libdir = (done.stdout.splitlines() + ["", ""])[:2]
+    return version, libdir
 
 
 def _terminate_with_parent() -> None:
@@ -228,6 +292,12 @@ class TritonServer:
         binary: a tritonserver binary of its own installation (NVIDIA's container:
             ``/opt/tritonserver/bin/tritonserver``), run with its own ``backends`` folder and the
             environment as it is; default: the nvidia-pytriton wheel's.
+        distribution: the wheel's server from another folder (``TritonDistribution.from_folder``:
+            the parts of the wheel unpacked where it is not installed), run with the same backend
+            folder and environment as the installed wheel; default: the installed wheel's.
+        python: the interpreter whose environment the python-backend models run in (a virtual
+            environment's ``bin/python``, of this interpreter's Python version); default this
+            interpreter. With the wheel's server only.
     """
 
     def __init__(
@@ -251,6 +321,8 @@ class TritonServer:
         admin_key: str | None = None,
         thread_pool_size: int | None = None,
         metrics_address: str | None = None,
+        distribution: TritonDistribution | None = None,
+        python: str | os.PathLike | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -276,6 +348,12 @@ class TritonServer:
         self.metrics_address = metrics_address or address
         if self.binary is not None and not self.binary.is_file():
             raise ValueError(f"binary: {self.binary} is not a file")
+        if self.binary is not None and distribution is not None:
+            raise ValueError("give binary (an installation of its own) or distribution, not both")
+        self.distribution = distribution
+        self.python = Path(python).absolute() if python is not None else None
+        if self.python is not None and (self.binary is not None or not self.python.is_file()):
+            raise ValueError(f"python: {python} is not a file, or given with binary")
         # Unique per server: killed servers leave /dev/shm/<prefix>* behind and we remove them.
         self._shm_prefix = f"driffusion_{os.getpid()}_{secrets.token_hex(4)}_"
         self._process: subprocess.Popen | None = None
@@ -381,8 +459,15 @@ class TritonServer:
         if self._process is not None:
             raise TritonServerError(f"server already running (pid {self._process.pid})")
         if self.binary is None:
-            dist = locate_tritonserver()
-            binary, env = dist.binary, server_environment(dist)
+            dist = self.distribution or locate_tritonserver()
+            if self.python is not None:
+                version = python_info(self.python)[0]
+                if version != f"{sys.version_info.major}.{sys.version_info.minor}":
+                    raise TritonServerError(
+                        f"python {self.python} is Python {version}; the stub is for this "
+                        f"interpreter's {sys.version_info.major}.{sys.version_info.minor}"
+                    )
+            binary, env = dist.binary, server_environment(dist, python=self.python)
             backend_dir = prepare_backend_directory(dist, self.cache_dir)
         else:  # an installation of its own: <prefix>/bin/tritonserver, <prefix>/backends
             binary, env = self.binary, dict(os.environ)
