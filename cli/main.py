@@ -49,6 +49,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def lora_arg(text: str):
+    """``PATH[:SCALE]`` -> ``Lora``; argparse error for a bad scale."""
+    from driffusion.export.lora import Lora
+
+    try:
+        return Lora.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def gpu_list(text: str) -> tuple[int, ...]:
     """``"0,1,2,3"`` -> ``(0, 1, 2, 3)``; argparse error for anything else."""
     try:
@@ -130,6 +140,17 @@ def _repository_flags(parser: argparse.ArgumentParser, *, export: bool = False) 
         help="a request still running after this long fails with a deadline error "
         "(default %(default)s; a client's own shorter timeout also applies)",
     )
+    g.add_argument(
+        "--lora",
+        dest="loras",
+        type=lora_arg,
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA fused into the denoiser and text encoders before export (repeatable; scale "
+        "default 1): a .safetensors file, a folder holding one, or a hub id where the machine "
+        "can download",
+    )
     g.add_argument("--force", action="store_true", help="export and build again what is built")
     if not export:
         g.add_argument(
@@ -175,6 +196,7 @@ def _settings(args: argparse.Namespace, **extra: Any):
         precision=args.precision,
         request_timeout_s=args.request_timeout_s,
         workspace_gib=args.workspace_gib,
+        loras=tuple(args.loras),
         **extra,
     )
 
@@ -283,6 +305,7 @@ def _serve(args: argparse.Namespace) -> int:
     """Serve a pipeline through Triton (gRPC 8001, HTTP 8000, metrics 8002)."""
     from driffusion.model_repository.serve import ServerOptions, prepare_repository, serve
 
+    _check_served_loras(args)
     repository = prepare_repository(
         args.repository,
         _settings(args, emulated_latency_ms=args.emulated_latency_ms),
@@ -301,6 +324,21 @@ def _serve(args: argparse.Namespace) -> int:
         max_request_mb=args.max_request_mb,
     )
     return serve(repository, options, progress=_say)
+
+
+def _check_served_loras(args: argparse.Namespace) -> None:
+    """``--lora`` with an existing ``--repository`` and no ``--pipeline``: that repository is
+    served as it was built, so the LoRAs would be ignored; say so instead."""
+    from driffusion.model_repository.build import read_manifest
+
+    if not args.loras or args.pipeline is not None or args.repository is None or args.force:
+        return
+    manifest = read_manifest(args.repository)
+    if manifest is not None:
+        raise ValueError(
+            f"--lora: {args.repository} is served as it was built (from {manifest['pipeline']}); "
+            "add --pipeline to rebuild it with these LoRAs"
+        )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -355,6 +393,7 @@ def _demo(args: argparse.Namespace) -> int:
     """The main job: serve the embedded model, compare sequential and DRiffusion over gRPC."""
     from .demo import run_demo
 
+    _check_served_loras(args)
     settings = _settings(args, emulated_latency_ms=args.emulated_latency_ms)
     request = {
         api.PROMPT.name: args.prompt,

@@ -7,7 +7,7 @@
       driffusion/1/model.py        the BLS orchestrator (the served model)
       driffusion/1/settings.json   family spec, limits, defaults, fan-out width
       driffusion/1/pipeline/       tokenizer(s) and scheduler config
-      repository.json              what it was built from (pipeline, code, settings, engines)
+      repository.json              what it was built from (pipeline, LoRAs, code, settings, engines)
 
 Engines, one step each:
 
@@ -17,10 +17,12 @@ Engines, one step each:
 - ``torch``: the pipeline's own modules run by PyTorch in python-backend models, on the listed
   GPUs in fp16, or on the CPU in fp32.
 
-Every ``config.pbtxt`` is rendered from the specs (``config.py``). ONNX exports are cached by
-pipeline and spec under ``<cache>/onnx`` and linked into each repository, so repositories that
-differ only in their settings are not exported twice; ``force`` exports again. Configs and the
-orchestrator are always rewritten (cheap, and they follow the settings).
+LoRAs (``settings.loras``) are fused into the pipeline's weights before any engine's step
+(``driffusion.export.lora``). Every ``config.pbtxt`` is rendered from the specs (``config.py``).
+ONNX exports are cached by pipeline (and LoRAs) and spec under ``<cache>/onnx`` and linked into
+each repository, so repositories that differ only in their settings are not exported twice;
+``force`` exports again. Configs and the orchestrator are always rewritten (cheap, and they follow
+the settings).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from driffusion import api
+from driffusion.export.lora import Lora, LoraError, fuse_loras, lora_records
 from driffusion.families import FAMILY_NAMES, PRECISIONS, FamilySpec, at_precision
 from driffusion.schedule import max_steps
 from driffusion.service import ServiceSettings
@@ -87,9 +90,13 @@ class RepositorySettings:
     # export and TensorRT
     opset: int = 18  # ONNX opset of the exports (>= 18)
     workspace_gib: float | None = None  # cap on TensorRT's builder scratch memory
+    # LoRAs fused into the denoiser and text encoders before export, in order (export/lora.py);
+    # each a Lora, "PATH[:SCALE]" or {"path", "scale"}
+    loras: tuple[Lora, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpus", tuple(self.gpus))
+        object.__setattr__(self, "loras", tuple(Lora.coerce(x) for x in self.loras))
         if self.family not in FAMILY_NAMES:
             raise ValueError(
                 f"family must be one of {', '.join(FAMILY_NAMES)}, got {self.family!r}"
@@ -186,6 +193,10 @@ def build_repository(
     start = time.perf_counter()
     if settings.engine == "tensorrt" and engine_builder is None:
         engine_builder = _check_tensorrt(settings, say)  # fails before the long export
+    try:  # --- LoRAs: a missing file fails before the pipeline loads
+        lora_records(settings.loras)
+    except LoraError as exc:
+        raise RepositoryBuildError(str(exc)) from exc
     _check_scheduler(pipeline)  # refused before any weight is loaded or file exported
     say(f"[repository] loading {pipeline}")
     try:
@@ -197,13 +208,18 @@ def build_repository(
         raise RepositoryBuildError(
             f"loading pipeline {pipeline} as {settings.family} failed: {type(exc).__name__}: {exc}"
         ) from exc
+    try:  # --- LoRAs: fused into the weights every engine exports, saves or runs
+        fuse_loras(pipe, settings.loras, say)
+    except LoraError as exc:
+        raise RepositoryBuildError(str(exc)) from exc
     out.mkdir(parents=True, exist_ok=True)
     manifest = repository_manifest(pipeline, settings)
     previous = read_manifest(out)
-    if previous is not None and previous.get("fingerprint") != manifest["fingerprint"]:
-        say(f"[repository] {out} was built from another pipeline or weights: rebuilding")
+    weights = _weights_key(manifest)  # the pipeline's files and the LoRAs fused into them
+    if previous is not None and _weights_key(previous) != weights:
+        say(f"[repository] {out} was built from another pipeline, weights or LoRAs: rebuilding")
     exports = lambda: _cached_exports(  # noqa: E731 (onnx and tensorrt)
-        pipe, family, manifest["fingerprint"], settings, cache, force, say
+        pipe, family, weights, settings, cache, force, say
     )
     if settings.engine == "onnx":
         records = _onnx_step(exports(), family, out, settings)
@@ -323,7 +339,8 @@ def _engine_profiles(family: FamilySpec, settings: RepositorySettings):
 
 
 def _cached_exports(pipe, family, fingerprint, settings, cache, force, say) -> dict[str, Path]:
-    """{role: folder with model.onnx[.data]}: exported once per pipeline, spec and precision."""
+    """{role: folder with model.onnx[.data]}: exported once per pipeline (``fingerprint``: its
+    files and LoRAs, ``_weights_key``), spec and precision."""
     from driffusion.export.onnx import export_component, matches_spec
 
     folders = {}
@@ -511,9 +528,21 @@ def repository_manifest(pipeline: str | Path, settings: RepositorySettings) -> d
     return {
         "pipeline": str(Path(pipeline).resolve()) if Path(pipeline).exists() else str(pipeline),
         "fingerprint": pipeline_fingerprint(pipeline),
+        "loras": lora_records(settings.loras),  # path, scale, fingerprint of the weights file
         "code": code_fingerprint(),
         "settings": json.loads(json.dumps(asdict(settings))),  # as read back from JSON
     }
+
+
+def _weights_key(manifest: dict) -> str:
+    """Identity of the weights a manifest's repository serves: the pipeline's fingerprint, and
+    with LoRAs, theirs and their scales (order matters: fusing is a sum, but in floating point)."""
+    loras = manifest.get("loras") or []
+    if not loras:
+        return manifest.get("fingerprint", "")  # the key of a build without LoRAs, as before
+    return _digest(
+        manifest.get("fingerprint"), *(f"{r['fingerprint']}*{r['scale']!r}" for r in loras)
+    )
 
 
 def is_up_to_date(repository: str | Path, pipeline: str | Path, settings: RepositorySettings):
