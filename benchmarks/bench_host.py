@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # this checkout
-    from driffusion.families import get_family
-except ImportError:  # the code before the structure change
+try:  # the code before the structure change (run with that checkout on PYTHONPATH)
     from driffusion.specs import get_family
+except ImportError:  # this checkout
+    from driffusion.families import get_family
 
 from driffusion import api
 from driffusion.service import Orchestrator, ServiceSettings
@@ -50,11 +50,15 @@ def stand_in(family):
     return infer
 
 
-def orchestrator(name: str, work: Path) -> Orchestrator:
-    from driffusion.export.tiny import build_tiny_pipeline
-
+def orchestrator(name: str, work: Path, pipelines: Path) -> Orchestrator:
+    """The orchestrator of family ``name`` with a tiny pipeline's tokenizers and scheduler (the
+    sizes come from the family spec, not from the pipeline)."""
     family = get_family(name)
-    pipeline = build_tiny_pipeline(name, work / f"tiny-{name}")
+    pipeline = pipelines / f"tiny-{name}"
+    if not (pipeline / "model_index.json").exists():
+        from driffusion.export.tiny import build_tiny_pipeline
+
+        build_tiny_pipeline(name, pipeline)
     version = work / name
     (version / "pipeline").mkdir(parents=True)
     for tokenizer in ("tokenizer", "tokenizer_2"):
@@ -91,12 +95,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--label", default="after", help="row label (default after)")
+    parser.add_argument(
+        "--pipelines", type=Path, default=None, help="folder of the tiny pipelines (kept)"
+    )
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-host-"))
+    pipelines = args.pipelines or work
     rows = {}
     for name in SIZES:
-        orch = orchestrator(name, work)
+        orch = orchestrator(name, work, pipelines)
         for fanout in ("instances", "batch"):
             rows[f"{args.label}|{name}|{fanout}"] = per_round_ms(orch, fanout, args.repeats)
             print(args.label, name, fanout, f"{rows[f'{args.label}|{name}|{fanout}']:.2f} ms")
