@@ -574,7 +574,6 @@ def test_the_denoiser_pool_lists_every_pod_by_its_stable_name():
     assert gpu_limit(server) == len(BASE_CONFIG["DRIFFUSION_GPUS"].split(","))
 
 
-@pending("--role", "--remote-denoisers")
 def test_the_denoiser_pool_commands_parse():
     statefulset, _, flag = denoiser_pool()
     args = build_parser().parse_args(serve_args(statefulset))
