@@ -7,6 +7,7 @@ serve(repository, ServerOptions(grpc_port=8001))               # until SIGTERM /
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -122,7 +123,8 @@ def serve(repository: Path, options: ServerOptions, progress: Say = print) -> in
     ``options.role == "denoiser"`` loads only the denoiser (no orchestrator, text encoders or
     VAE), behind the same front, for the ``remote_denoisers`` of other servers. Those reach the
     orchestrator as its ``remote_denoisers`` config parameter, applied when Triton loads it
-    (``TritonServer(config_parameters=...)``): the repository is not written to.
+    (``TritonServer(config_parameters=...)``): the repository is not written to. The python
+    models' warnings and errors in Triton's log are echoed to ``progress`` (:class:`LogEcho`).
     """
     from driffusion.routing import PARAMETER
 
@@ -196,14 +198,46 @@ def serve(repository: Path, options: ServerOptions, progress: Say = print) -> in
             f"[serve] requests up to {options.max_request_mb:g} MiB; log: {server.log_path}; "
             "stop with Ctrl-C or SIGTERM"
         )
+        echo = LogEcho(server.log_path, progress)
         while stopping["signal"] is None:
             time.sleep(0.2)
+            echo.poll()
     finally:
         progress("[serve] stopping: not ready, draining requests in flight ...")
         front.stop(grace_s=options.drain_s)
         supervisor.stop()
     progress("[serve] stopped")
     return 0
+
+
+class LogEcho:
+    """Echoes the warnings and errors that driffusion's python models write to Triton's log (a
+    remote denoiser marked down, a failed request) to ``serve``'s own output, where container logs
+    see them: ``[triton] W routing.py: remote denoiser ... failed: ...``. Only the first line of a
+    record; a log that Triton truncated on a restart is read again from its start."""
+
+    RECORD = re.compile(r'^([WEF])\d{4} \S+ +\d+ (\w+\.py):\d+\] "?(.*?)"?$')
+
+    def __init__(self, path: Path | None, say: Say):
+        self.path, self.say, self.offset = path, say, 0  # the server started it afresh
+
+    def poll(self) -> None:
+        if self.path is None:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                if f.seek(0, os.SEEK_END) < self.offset:
+                    self.offset = 0  # truncated: a restarted server's log
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only
+        self.offset += end
+        for line in data[:end].decode(errors="replace").splitlines():
+            m = self.RECORD.match(line)
+            if m:
+                self.say(f"[triton] {m.group(1)} {m.group(2)}: {m.group(3)}")
 
 
 def bls_thread_pool_size(repository: Path) -> int:

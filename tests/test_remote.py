@@ -214,6 +214,7 @@ def test_a_starts_and_serves_on_its_own_while_its_remote_denoiser_is_down(pair, 
     assert single_server["short"].shape == (64, 64, 3)
     log = pair.a_log_text()
     assert f"remote denoiser {pair.remote} is not available" in log
+    wait(lambda: any("is not available" in line for line in pair.a.lines), 10, "the echo", pair.a)
     with grpcclient.InferenceServerClient(pair.a.grpc_url) as triton:
         config = triton.get_model_config("driffusion", as_json=True)["config"]
     assert config["parameters"]["remote_denoisers"]["string_value"] == pair.remote
@@ -300,12 +301,14 @@ def test_killing_b_mid_request_completes_it_on_a_with_a_log_line(pair, client, s
     out = result["out"]
     assert out.rounds == count_rounds(50, "aggressive", 4)[0]
     assert close_to(out.image, single_server["long"])
-    log = pair.a_log_text()
-    assert re.search(
+    failover = re.compile(
         rf"remote denoiser {re.escape(pair.remote)} failed: \S+.*; marked down, its calls go to "
-        r"the other endpoints \(fan-out width now 2\)",
-        log,
-    ), log[-3000:]
+        r"the other endpoints \(fan-out width now 2\)"
+    )
+    assert failover.search(pair.a_log_text()), pair.a_log_text()[-3000:]
+    # ... and in A's own output (container logs), echoed from Triton's log
+    wait(lambda: any(failover.search(line) for line in pair.a.lines), 10, "the echo", pair.a)
+    assert any(line.startswith("[triton] W routing.py: remote denoiser") for line in pair.a.lines)
     metrics = read_metrics(f"http://127.0.0.1:{pair.a.metrics}/metrics")
     assert metric_sum(metrics, "driffusion_denoiser_call_errors_total", endpoint=pair.remote) >= 1
     assert metric_sum(metrics, "driffusion_denoiser_call_errors_total", endpoint="local") == 0
@@ -405,3 +408,25 @@ def test_the_list_reaches_the_orchestrator_as_a_config_override_on_load(reposito
     ]
     with pytest.raises(ValueError, match="not among the models"):
         TritonServer(repository, models=["denoiser"], config_parameters={"driffusion": {"x": "1"}})
+
+
+def test_the_log_echo_shows_python_model_warnings_and_follows_a_truncated_log(tmp_path):
+    from driffusion.model_repository.serve import LogEcho
+
+    log, said = tmp_path / "server.log", []
+    log.write_text(
+        'W1130 13:17:19.028488 8736 pinned_memory_manager.cc:273] "no pinned memory"\n'
+        'I1130 13:17:24.478115 8736 routing.py:228] "remote denoiser a:1 is up"\n'
+        'W1130 13:18:08.408919 8736 routing.py:246] "remote denoiser a:1 failed: gone"\n'
+        'E1130 13:18:09.000000 8736 model.py:151] "driffusion request failed: Traceback\n'
+        "  more lines\n"
+    )
+    echo = LogEcho(log, said.append)
+    echo.poll()
+    assert said == [
+        "[triton] W routing.py: remote denoiser a:1 failed: gone",
+        "[triton] E model.py: driffusion request failed: Traceback",
+    ]
+    log.write_text('E1130 13:19:00.000000 9000 model.py:151] "after a restart"\n')  # truncated
+    echo.poll()
+    assert said[-1] == "[triton] E model.py: after a restart"
