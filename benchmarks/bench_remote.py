@@ -137,9 +137,23 @@ def cell(name, runs, latency, k, instances, seq):
     )
 
 
-def loadavg() -> str:
-    one, five, _ = os.getloadavg()
-    return f"{one:.2f} (1 min), {five:.2f} (5 min)"
+def machine_busy_s() -> float:
+    """CPU seconds this machine has been busy (all processes, all cores: /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this script and of the servers it started and waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def others_share(seconds: float = 3.0) -> float:
+    """Share of the machine's cores that other processes use now, over ``seconds``."""
+    busy, own = machine_busy_s(), own_cpu_s()
+    time.sleep(seconds)
+    return ((machine_busy_s() - busy) - (own_cpu_s() - own)) / (seconds * os.cpu_count())
 
 
 def main() -> None:
@@ -149,8 +163,9 @@ def main() -> None:
     args = parser.parse_args()
     model, table = H100_MS[args.profile]
     latency = Latency.fit(table)
-    load_before = loadavg()
-    print(f"{model}: {latency.base:.1f} ms + {latency.per_row:.2f} ms per row; load {load_before}")
+    others_before = others_share()
+    print(f"{model}: {latency.base:.1f} ms + {latency.per_row:.2f} ms per row")
+    run_start, busy_start, own_start = time.monotonic(), machine_busy_s(), own_cpu_s()
     work = Path(tempfile.mkdtemp(prefix="driffusion-bench-remote-"))
     os.environ.setdefault("DRIFFUSION_CACHE", str(work / "cache"))
     pipeline = build_tiny_pipeline("sd21", work / "tiny")
@@ -206,7 +221,10 @@ def main() -> None:
         for s in (a, b):
             if s is not None:
                 s.stop()
-    load_after = loadavg()
+    wall = time.monotonic() - run_start
+    own = own_cpu_s() - own_start
+    others_during = ((machine_busy_s() - busy_start) - own) / (wall * os.cpu_count())
+    others_after = others_share()
 
     def mean_ms(calls, key, base=None):
         n, total = calls.get(key, (0, 0))
@@ -220,6 +238,7 @@ def main() -> None:
     by_name = {c["name"]: c for c in cells}
     fanned = by_name["k=8, 4 local + 4 remote"]
     all_local = by_name["k=8, one node of 8 GPUs (8 local)"]
+    hybrid = by_name["k=8, one node of 4 GPUs (4 local, hybrid)"]
     rows = [
         "| run | rounds | median ms | speedup | ideal | of ideal | device-bound | of device-bound "
         "| overhead ms/round |",
@@ -234,7 +253,8 @@ def main() -> None:
     per_call = remote_ms - local_ms
     of_ideal = lambda c: c["speedup"] / c["ideal"]  # noqa: E731
     per_round = fanned["overhead"] - all_local["overhead"]
-    quiet = "quiet" if float(load_before.split()[0]) < 0.5 else "NOT quiet: other work was running"
+    quiet = max(others_before, others_during, others_after) < 0.1
+    verdict = "quiet" if quiet else "NOT quiet: other work competed for the cores"
     body = f"""## Remote denoisers: a remote call against a local one (`benchmarks/bench_remote.py`)
 
 Tiny SD2.1-like pipeline (random weights, 64 px), S={STEPS}, CFG, aggressive, one client, real
@@ -254,14 +274,17 @@ beyond the device time.
 and 4 remote calls at once), A's `{CALLS}` histogram gives a mean of
 {local_ms:.1f} ms per local call ({local_n} calls) and {remote_ms:.1f} ms per remote call
 ({remote_n} calls): **{per_call:+.1f} ms per remote call** on loopback (serialization, gRPC, B's
-front and Triton; the pad is {latency(2):.1f} ms). Per round, fanning out over 4 + 4 costs
-**{per_round:+.1f} ms** more than 8 local instances ({fanned["overhead"]:.1f} against
-{all_local["overhead"]:.1f} ms of overhead per round), and reaches {of_ideal(fanned):.3f} of the
-ideal {fanned["ideal"]:.2f}x against {of_ideal(all_local):.3f} for the 8-GPU node.
+front and Triton; the pad is {latency(2):.1f} ms). A round waits for its slowest call: its
+overhead beyond the device time is {fanned["overhead"]:.1f} ms over 4 + 4 against
+{all_local["overhead"]:.1f} ms over 8 local instances (**{per_round:+.1f} ms per round**), and k=8
+reaches {of_ideal(fanned):.3f} of the ideal {fanned["ideal"]:.2f}x against
+{of_ideal(all_local):.3f} on the 8-GPU node and {of_ideal(hybrid):.3f} on the 4-GPU node.
 
-Load average at the start: {load_before}; at the end: {load_after} ({quiet}). A, B and
-the client share this machine's {os.cpu_count()} cores, so B's CPU work (its front, Triton, the
-tiny model) competes with A's orchestrator here; on separate nodes it does not, and the network
+Other processes used {others_before:.0%} of the {os.cpu_count()} cores before the run,
+{others_during:.0%} during it (the machine's busy time less this run's own) and
+{others_after:.0%} after it: {verdict}.
+A, B and the client share these cores, so B's CPU work (its front, Triton, the tiny model)
+competes with A's orchestrator here; on separate nodes it does not, and the network
 adds its round trip and the transfer: SD2.1 sends about 0.6 MB per CFG draft in fp16 (latents
 and text conditions, request and response), 0.05 ms at 100 Gbit/s, 0.5 ms at 10 Gbit/s.
 """
