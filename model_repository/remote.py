@@ -35,13 +35,12 @@ from driffusion.service import ModelCallError, ServiceSettings
 from driffusion.tensors import DENOISER
 
 MAX_MESSAGE_BYTES = 2**31 - 1
-# A dead peer is noticed by keepalive between calls; reconnects stay quick once it is back.
+# Reconnects stay quick once a server is back. No keepalive pings: a gRPC server refuses pings
+# more often than every 5 minutes by default (GOAWAY "too_many_pings" after 3), which would fail a
+# long call that is fine; a peer that stops answering is given up on at the call's deadline.
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
