@@ -543,7 +543,7 @@ def test_the_adapter_rules_read_series_that_triton_exports(tmp_path, start_trito
         time.sleep(0.5)
 
 
-# --- the pending denoiser pool ------------------------------------------------------------------
+# --- the denoiser pool -------------------------------------------------------------------------
 
 
 def denoiser_pool():
