@@ -229,6 +229,37 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def remote_denoisers(text: str) -> tuple[str, ...]:
+    """``"h1:8001,h2:8001/4"`` -> ``("h1:8001", "h2:8001/4")``; argparse error naming a bad
+    entry."""
+    from driffusion.routing import parse_endpoints
+
+    try:
+        return tuple(str(spec) for spec in parse_endpoints(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _scale_out_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("scaling out over several servers")
+    g.add_argument(
+        "--role",
+        choices=("all", "denoiser"),
+        default="all",
+        help="all: serve the pipeline (default); denoiser: serve only the denoiser instances, "
+        "for the --remote-denoisers of other servers (no orchestrator, text encoders or VAE)",
+    )
+    g.add_argument(
+        "--remote-denoisers",
+        type=remote_denoisers,
+        default=(),
+        metavar="HOST:PORT[/N][,...]",
+        help="gRPC ports of `--role denoiser` servers: a round's drafts are fanned out over the "
+        "local denoiser instances and theirs, by free capacity; N: a server's instances (default: "
+        "asked from its model config). A server that fails is skipped and retried later.",
+    )
+
+
 def _request_flags(
     parser: argparse.ArgumentParser, overrides: dict[api.Field, dict[str, Any]] | None = None
 ) -> None:
@@ -306,15 +337,7 @@ def _serve(args: argparse.Namespace) -> int:
     from driffusion.model_repository.serve import ServerOptions, prepare_repository, serve
 
     _check_served_loras(args)
-    repository = prepare_repository(
-        args.repository,
-        _settings(args, emulated_latency_ms=args.emulated_latency_ms),
-        args.pipeline,
-        rebuild=args.force,
-        timing_cache=args.timing_cache,
-        progress=_say,
-    )
-    options = ServerOptions(
+    options = ServerOptions(  # checked before the repository is built
         address=args.address,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
@@ -322,6 +345,16 @@ def _serve(args: argparse.Namespace) -> int:
         log=args.log,
         tritonserver=args.tritonserver,
         max_request_mb=args.max_request_mb,
+        role=args.role,
+        remote_denoisers=args.remote_denoisers,
+    )
+    repository = prepare_repository(
+        args.repository,
+        _settings(args, emulated_latency_ms=args.emulated_latency_ms),
+        args.pipeline,
+        rebuild=args.force,
+        timing_cache=args.timing_cache,
+        progress=_say,
     )
     return serve(repository, options, progress=_say)
 
@@ -514,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help=_help(_serve), description=_help(_serve))
     _repository_flags(p)
     _server_flags(p)
+    _scale_out_flags(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("generate", help=_help(_generate), description=_request_doc(_generate))

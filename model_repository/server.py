@@ -40,7 +40,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,6 +255,11 @@ def _terminate_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def model_names(repository: Path) -> list[str]:
+    """The models of a repository: its folders that hold a ``config.pbtxt``."""
+    return sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt"))
+
+
 def live_group_members(pgid: int, include_stopped: bool = True) -> list[int]:
     """Pids of the non-zombie processes in process group ``pgid`` (Linux /proc)."""
     members = []
@@ -298,6 +303,11 @@ class TritonServer:
         python: the interpreter whose environment the python-backend models run in (a virtual
             environment's ``bin/python``, of this interpreter's Python version); default this
             interpreter. With the wheel's server only.
+        config_parameters: {model: {name: value}}: these models are loaded with these extra
+            ``parameters`` in their config, through Triton's config override on load (the
+            repository's files are not touched: it may be read-only). They are loaded once the
+            others are ready, on every start; ``reload`` keeps the parameters (it reloads the
+            loaded config).
     """
 
     def __init__(
@@ -323,6 +333,7 @@ class TritonServer:
         metrics_address: str | None = None,
         distribution: TritonDistribution | None = None,
         python: str | os.PathLike | None = None,
+        config_parameters: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -332,6 +343,15 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.address = address
         self.models = None if models is None else list(models)
+        self.config_parameters = {
+            model: {str(k): str(v) for k, v in params.items()}
+            for model, params in (config_parameters or {}).items()
+        }
+        for model in self.config_parameters:
+            if self.models is not None and model not in self.models:
+                raise ValueError(f"config_parameters: {model} is not among the models to load")
+            if not (self.model_repository / model / "config.pbtxt").is_file():
+                raise ValueError(f"config_parameters: no model {model} in {self.model_repository}")
         self.log_verbose = log_verbose
         self._log_path = Path(log_path) if log_path is not None else None
         self.shm_default_byte_size = shm_default_byte_size
@@ -451,6 +471,9 @@ class TritonServer:
         # Explicit model control (with the repository API closed to all but the admin key), so a
         # model whose worker died can be reloaded in place (``reload``).
         models = ["*"] if self.models is None else self.models
+        if self.config_parameters:  # loaded with their parameters once the server is up
+            names = self.models if self.models is not None else model_names(self.model_repository)
+            models = [m for m in names if m not in self.config_parameters]
         cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
         return cmd + self.extra_args
 
@@ -488,6 +511,8 @@ class TritonServer:
         atexit.register(self.stop)
         try:
             self._wait_until_ready()
+            for model, parameters in self.config_parameters.items():
+                self.load(model, parameters)
         except BaseException:
             self.stop()
             raise
@@ -551,6 +576,28 @@ class TritonServer:
         body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
         self._http("POST", f"{base}/repository/models/{model}/load", body, timeout_s)
         return time.monotonic() - start
+
+    def load(
+        self, model: str, parameters: Mapping[str, str], timeout_s: float | None = None
+    ) -> None:
+        """Load ``model`` from the repository with ``parameters`` added to its config.pbtxt's
+        (Triton's config override: the files stay as they are); blocks until it is loaded."""
+        import json
+
+        from google.protobuf import json_format
+
+        from .config import parse_config
+
+        config = parse_config((self.model_repository / model / "config.pbtxt").read_text())
+        for key, value in parameters.items():
+            config.parameters[key].string_value = value
+        text = json_format.MessageToJson(config, preserving_proto_field_name=True)
+        body = json.dumps({"parameters": {"config": text}}).encode()
+        url = f"http://{self._client_host}:{self.http_port}/v2/repository/models/{model}/load"
+        try:
+            self._http("POST", url, body, timeout_s or self.start_timeout_s)
+        except TritonServerError as exc:
+            raise TritonServerError(f"loading {model} failed: {exc}\n{self.log_tail()}") from exc
 
     def _http(self, method: str, url: str, body: bytes | None, timeout_s: float) -> bytes:
         headers = {**self.admin_headers, "Content-Type": "application/json"}

@@ -16,6 +16,7 @@ class MetricSpec:
     kind: str  # COUNTER | GAUGE | HISTOGRAM (pb_utils.MetricFamily kinds)
     labels: tuple[str, ...]
     help: str
+    buckets: tuple[float, ...] = ()  # HISTOGRAM: upper bounds in seconds (default: DURATION's)
 
 
 REQUESTS = MetricSpec(
@@ -46,6 +47,31 @@ RETRIES = MetricSpec(
     ("model",),
     "model calls retried on another instance (crashed or hung instance)",
 )
-METRICS = (REQUESTS, STEPS, ROUNDS, EVALUATIONS, DURATION, RETRIES)
+# With remote denoisers (``driffusion serve --remote-denoisers``): per endpoint, ``local`` (this
+# server's instances) or a remote HOST:PORT.
+DENOISER_CALL_DURATION = MetricSpec(
+    "driffusion_denoiser_call_duration_seconds",
+    "HISTOGRAM",
+    ("endpoint",),
+    "denoiser calls that returned and their duration, by endpoint (with --remote-denoisers)",
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+)
+DENOISER_CALL_ERRORS = MetricSpec(
+    "driffusion_denoiser_call_errors_total",
+    "COUNTER",
+    ("endpoint",),
+    "denoiser calls that failed, by endpoint; a remote endpoint is then marked down and its calls "
+    "go to the others (with --remote-denoisers)",
+)
+METRICS = (
+    REQUESTS,
+    STEPS,
+    ROUNDS,
+    EVALUATIONS,
+    DURATION,
+    RETRIES,
+    DENOISER_CALL_DURATION,
+    DENOISER_CALL_ERRORS,
+)
 DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 OUTCOMES = ("success", "invalid_argument", "cancelled", "deadline_exceeded", "failed")

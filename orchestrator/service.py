@@ -28,6 +28,7 @@ from .conditioning import denoiser_conditions
 from .engine import Round, StepNoise, count_rounds, draft_and_refine, drive, drive_async, tapered
 from .families import FamilySpec
 from .guidance import combine_cfg, rows, shards, with_cfg
+from .routing import DenoiserRouter
 from .schedule import Schedule, data_prediction, noising
 from .tensors import (
     DENOISER,
@@ -184,6 +185,9 @@ class Orchestrator:
         self.settings, self.family = settings, settings.family
         # called as on_retry(model, reason) before a failed denoiser call is retried (metrics)
         self.on_retry: Callable[[str, str], None] | None = None
+        # remote denoisers (driffusion.routing): set by the server when it has some; a round is
+        # then split over every endpoint's instances and each call routed by free capacity
+        self.denoiser_router: DenoiserRouter | None = None
         # Host work is small elementwise math beside several model processes on the same cores:
         # more than one intra-op thread only adds contention (measured: BENCHMARKS.md, core).
         torch.set_num_threads(1)
@@ -253,6 +257,9 @@ class Orchestrator:
         if deadline is None:
             deadline = time.monotonic() + self.settings.request_timeout_s
         infer = self._with_deadline(self._in_served_dtypes(infer), deadline)
+        denoise = infer  # the denoiser calls: local, or routed over local and remote endpoints
+        if self.denoiser_router is not None:
+            denoise = self._in_served_dtypes(self.denoiser_router.bind(infer, deadline))
         cfg = req.guidance_scale > 1.0  # as diffusers' do_classifier_free_guidance
         cond = await self._encode_text(req, cfg, infer)
         text_done = time.perf_counter()
@@ -290,7 +297,7 @@ class Orchestrator:
                     f"request deadline exceeded before round {r.index} of a {req.steps}-step "
                     f"{req.mode} request"
                 )
-            out = await self._evaluate(r, denoiser, req, infer, waited)
+            out = await self._evaluate(r, denoiser, req, denoise, waited)
             if progress is not None:
                 await progress(self._progress(r, out, schedule, total, req))
             return out
@@ -422,7 +429,10 @@ class Orchestrator:
     ) -> torch.Tensor:
         """The guided model outputs of one round, its states spread over the denoiser requests."""
         states = len(r.steps)
-        parts = 1 if req.fanout == "batch" else self.settings.denoiser_instances
+        width = self.settings.denoiser_instances
+        if self.denoiser_router is not None:
+            width = self.denoiser_router.width()  # local and remote instances that are up
+        parts = 1 if req.fanout == "batch" else width
         x, t = r.x, r.t
         if denoiser.cfg:  # every state as its (uncond, cond) rows
             x, t = with_cfg(x, states), with_cfg(t, states)

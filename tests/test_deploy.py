@@ -543,7 +543,7 @@ def test_the_adapter_rules_read_series_that_triton_exports(tmp_path, start_trito
         time.sleep(0.5)
 
 
-# --- the pending denoiser pool ------------------------------------------------------------------
+# --- the denoiser pool -------------------------------------------------------------------------
 
 
 def denoiser_pool():
@@ -574,7 +574,6 @@ def test_the_denoiser_pool_lists_every_pod_by_its_stable_name():
     assert gpu_limit(server) == len(BASE_CONFIG["DRIFFUSION_GPUS"].split(","))
 
 
-@pending("--role", "--remote-denoisers")
 def test_the_denoiser_pool_commands_parse():
     statefulset, _, flag = denoiser_pool()
     args = build_parser().parse_args(serve_args(statefulset))

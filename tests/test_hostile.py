@@ -79,9 +79,11 @@ class Serve:
     def wait(self, condition, timeout_s: float, what: str) -> float:
         start = time.monotonic()
         while not condition():
-            if time.monotonic() - start > timeout_s:
+            exited = self.process.poll() is not None
+            if exited or time.monotonic() - start > timeout_s:
                 tail = "\n".join(self.lines[-30:])
-                raise AssertionError(f"{what} not within {timeout_s} s; serve said:\n{tail}")
+                why = f"serve exited ({self.process.returncode})" if exited else f"{timeout_s} s"
+                raise AssertionError(f"{what} not within {why}; serve said:\n{tail}")
             time.sleep(0.1)
         return time.monotonic() - start
 

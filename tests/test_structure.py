@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ("schedule", "prediction", "jumps", "multistep", "engine", "guidance", "gmm", "parallel")
+HOST = ("routing",)  # host logic of serving, tested without Triton: transports are injected
 CONTRACTS = (
     "tensors",
     "families",
@@ -49,7 +50,7 @@ def under(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-@pytest.mark.parametrize("module", CORE + CONTRACTS)
+@pytest.mark.parametrize("module", CORE + CONTRACTS + HOST)
 def test_the_library_imports_nothing_from_serving_export_or_clients(module):
     found = imports(ROOT / "orchestrator" / f"{module}.py", "driffusion")
     assert not [n for n in found if under(n, SERVING + SERVERS)], module

@@ -12,7 +12,10 @@ All logic (validation, tokenization, DRiffusion rounds, guidance) is in the plai
 - model calls run on an executor of this instance's own, sized for the widest round plus
   headroom for hung calls (the stub's ``async_exec`` uses asyncio's default pool of
   ``min(32, CPUs + 4)`` threads, which capped a round at 6 calls in flight on 2 cores);
-- driffusion's Prometheus metrics (``driffusion.metrics``) are registered at start, at zero.
+- driffusion's Prometheus metrics (``driffusion.metrics``) are registered at start, at zero;
+- with a ``remote_denoisers`` config parameter (``driffusion serve --remote-denoisers``), the
+  denoiser calls are routed over the local instances and those servers
+  (``driffusion.model_repository.remote``), probed once at start.
 """
 
 import asyncio
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from driffusion import api, metrics
+from driffusion import api, metrics, routing
 from driffusion.service import (
     DeadlineExceeded,
     ModelCallError,
@@ -54,9 +57,8 @@ class Metrics:
     def _metric(self, spec, **labels):
         key = (spec.name, *sorted(labels.items()))
         if key not in self._series:
-            extra = (
-                {"buckets": list(metrics.DURATION_BUCKETS_S)} if spec.kind == "HISTOGRAM" else {}
-            )
+            buckets = spec.buckets or metrics.DURATION_BUCKETS_S
+            extra = {"buckets": list(buckets)} if spec.kind == "HISTOGRAM" else {}
             self._series[key] = self._families[spec.name].Metric(labels=labels, **extra)
         return self._series[key]
 
@@ -72,6 +74,18 @@ class Metrics:
 
     def retry(self, model: str, reason: str) -> None:
         self._metric(metrics.RETRIES, model=model).increment(1)
+
+    # -- per denoiser endpoint (remote denoisers) --
+    def endpoints(self, names) -> None:
+        for name in names:
+            self._metric(metrics.DENOISER_CALL_DURATION, endpoint=name)
+            self._metric(metrics.DENOISER_CALL_ERRORS, endpoint=name)
+
+    def denoiser_call(self, endpoint: str, seconds: float) -> None:
+        self._metric(metrics.DENOISER_CALL_DURATION, endpoint=endpoint).observe(seconds)
+
+    def denoiser_error(self, endpoint: str, reason: str) -> None:
+        self._metric(metrics.DENOISER_CALL_ERRORS, endpoint=endpoint).increment(1)
 
 
 def host_memory():
@@ -100,6 +114,26 @@ class TritonPythonModel:
         self.orchestrator.on_retry = self.metrics.retry
         threads = executor_threads(self.orchestrator.settings)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="driffusion-bls")
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        remote = parameters.get(routing.PARAMETER, {}).get("string_value", "")
+        if remote:
+            self.orchestrator.denoiser_router = self._router(remote)
+
+    def _router(self, remote_denoisers: str):
+        from driffusion.model_repository.remote import denoiser_router, probe_now
+
+        router = denoiser_router(
+            remote_denoisers,
+            self.orchestrator.settings,
+            on_call=self.metrics.denoiser_call,
+            on_error=self.metrics.denoiser_error,
+            say=self.logger.log_info,
+            warn=self.logger.log_warn,
+        )
+        self.metrics.endpoints(e.name for e in router.endpoints)
+        probe_now(router)
+        self.logger.log_info(f"denoiser endpoints: {router.describe()}")
+        return router
 
     async def execute(self, requests):
         if not self.decoupled:
