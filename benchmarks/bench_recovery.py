@@ -35,6 +35,7 @@ from report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("denoiser", "text_encoder", "vae_decoder", "driffusion", "tritonserver")
+COUNTS = {"denoiser": 2, "text_encoder": 1, "vae_decoder": 1, "driffusion": 2, "tritonserver": 1}
 REQUEST = dict(prompt="a handwritten digit seven", steps=20, mode="aggressive", k=4)
 
 
@@ -85,16 +86,19 @@ class Load:
                     error = None
                 except DriffusionError as e:
                     error = str(e)[:120]
+                    time.sleep(0.05)  # as a client backs off, not spinning on a restarting server
                 self.log.append((start, time.monotonic() - start, error))
                 seed += 1
 
 
 def measure(serve_url: str, grpc_url: str, repository: Path, kind: str, load: Load) -> dict:
     time.sleep(3.0)  # a steady state before the kill
+    waited = time.monotonic()
+    while len(victims := pids(repository, kind)) != COUNTS[kind]:  # a reload's old workers gone
+        if time.monotonic() - waited > 60:
+            raise RuntimeError(f"{len(victims)} {kind} processes, expected {COUNTS[kind]}")
+        time.sleep(0.2)
     before = [s for t, s, e in load.log[-10:] if e is None]
-    victims = pids(repository, kind)
-    if not victims:
-        raise RuntimeError(f"no {kind} process found")
     killed = time.monotonic()
     os.kill(victims[0], signal.SIGKILL)
     not_ready = None
@@ -125,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="kills per kind (default 2)")
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     settings = RepositorySettings(
@@ -136,11 +141,13 @@ def main() -> None:
     repository = build_repository(embedded_dir() / "digits", work / "repo", settings, progress=None)
     http, grpc, metrics = find_free_ports(3)
     env = dict(os.environ, DRIFFUSION_CACHE=str(work / "cache"))
+    log = open(work / "serve.log", "w")  # noqa: SIM115 (open for the server's lifetime)
+    print(f"driffusion serve's output: {work / 'serve.log'}", flush=True)
     serve = subprocess.Popen(
         [sys.executable, "-m", "driffusion.cli", "serve", "--repository", str(repository)]
         + ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
     )
@@ -151,7 +158,7 @@ def main() -> None:
             client.wait_ready(timeout_s=180)
         load = Load(grpc_url)
         load.thread.start()
-        for kind in KINDS:
+        for kind in args.kinds:
             for _ in range(args.repeats):
                 row = measure(serve_url, grpc_url, repository, kind, load)
                 print(row, flush=True)

@@ -609,8 +609,10 @@ class TritonServer:
             detail = exc.read().decode(errors="replace")[:500]
             raise TritonServerError(f"{method} {url}: HTTP {exc.code}: {detail}") from exc
 
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL it after ``stop_grace_s``, remove shared memory.
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM the process group, SIGKILL it after ``grace_s`` (default ``stop_grace_s``),
+        remove shared memory. A server that has already exited gets no grace: the workers it left
+        (they outlive it) are killed at once.
 
         Idempotent; also runs at interpreter exit.
         """
@@ -619,12 +621,14 @@ class TritonServer:
             return
         atexit.unregister(self.stop)
         pgid = process.pid
+        if grace_s is None:
+            grace_s = 0.0 if process.poll() is not None else self.stop_grace_s
         try:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + self.stop_grace_s
+                os.killpg(pgid, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
+            deadline = time.monotonic() + grace_s
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=self.stop_grace_s)
+                process.wait(timeout=grace_s)
             # Stubs may outlive the server; give them the rest of the grace period.
             while live_group_members(pgid) and time.monotonic() < deadline:
                 time.sleep(0.05)
