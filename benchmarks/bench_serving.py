@@ -289,12 +289,18 @@ def main() -> None:
     memory_line = "; ".join(
         f"{role} {len(v)} x {statistics.median(v):.0f} MiB" for role, v in sorted(memory.items())
     )
+    padding = (
+        f"Every denoiser call is padded to {latency.base:g} ms whatever its batch (a stand-in "
+        "for a device that runs a batch as fast as one draft)."
+        if latency.per_row == 0
+        else f"Every denoiser call is padded to the latency one H100 measured for {model} "
+        f"(docs/facts.md, cuda graphs, fit {latency.base:.1f} ms + {latency.per_row:.2f} ms per "
+        "batch row; a CFG draft is 2 rows), so a batch of drafts costs what it costs on one GPU."
+    )
     body = f"""## {title} (`benchmarks/bench_serving.py`)
 
 Tiny SD2.1-like pipeline (random weights, 64 px) served by the real Triton server, S={STEPS}, CFG,
-one client. Every denoiser call is padded to the latency one H100 measured for {model}
-(docs/facts.md, cuda graphs, fit {latency.base:.1f} ms + {latency.per_row:.2f} ms per batch row;
-a CFG draft is 2 rows), so a batch of drafts costs what it costs on one GPU. *fan-out*: 8 denoiser
+one client. {padding} *fan-out*: 8 denoiser
 instances (one GPU each), one draft per request; *hybrid*: 4 instances, k > 4 drafts spread over
 them in batches; *batch*: one request per round (one GPU). Latency is the gRPC client's, median of
 {args.repeats} after a warm-up, text encoding and VAE decoding included; *denoising speedup* is

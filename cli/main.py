@@ -38,15 +38,20 @@ _TYPES = {"BYTES": str, "INT64": int, "INT32": int, "FP32": float}
 # --- argument types ----------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    """An int >= 1, else an argparse error naming the value."""
+def positive_int(text: str, least: int = 1) -> int:
+    """An int >= ``least`` (1), else an argparse error naming the value."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
     return value
+
+
+def count(text: str) -> int:
+    """An int >= 0."""
+    return positive_int(text, least=0)
 
 
 def lora_arg(text: str):
@@ -128,6 +133,20 @@ def _repository_flags(parser: argparse.ArgumentParser, *, export: bool = False) 
         "(default %(default)s)",
     )
     g.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=4,
+        help="largest num_images a request may ask for; with --max-k it bounds the denoiser's "
+        "batch, 2*max-k*max-images rows (default %(default)s)",
+    )
+    g.add_argument(
+        "--stream-instances",
+        type=count,
+        default=1,
+        help="instances of driffusion_stream, the model that streams progress (default "
+        "%(default)s; 0: not served)",
+    )
+    g.add_argument(
         "--precision",
         choices=("fp16", "fp32"),
         default=None,
@@ -193,6 +212,8 @@ def _settings(args: argparse.Namespace, **extra: Any):
         denoiser_instances=args.denoiser_instances,
         orchestrator_instances=args.orchestrator_instances,
         max_k=args.max_k,
+        max_images=args.max_images,
+        stream_instances=args.stream_instances,
         precision=args.precision,
         request_timeout_s=args.request_timeout_s,
         workspace_gib=args.workspace_gib,

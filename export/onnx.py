@@ -225,6 +225,8 @@ def _export(
             warnings.simplefilter("ignore", FutureWarning)
             # CLIP's EOS gather; its indices are never negative.
             warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+            # the VAE encoder's slicing; folding is an optimisation only
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
             torch.onnx.export(
                 wrapper,
                 args,

@@ -83,13 +83,26 @@ def test_parser_rejects_bad_gpu_lists(gpus, capsys):
     assert "--gpus must be distinct GPU indices" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--max-k", "--orchestrator-instances"])
+@pytest.mark.parametrize("flag", ["--max-k", "--orchestrator-instances", "--max-images"])
 def test_parser_rejects_counts_below_one(flag, capsys):
     with pytest.raises(SystemExit):
         make_parser().parse_args(
             ["export", "--pipeline", "p", "--family", "sd21", "--out", "r", flag, "0"]
         )
     assert "must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_request_limits_and_the_streaming_model_reach_the_repository_settings(capsys):
+    from driffusion.cli.main import _settings
+
+    args = make_parser().parse_args(["serve", "--max-images", "2", "--stream-instances", "0"])
+    settings = _settings(args)
+    assert (settings.max_images, settings.stream_instances) == (2, 0)
+    defaults = _settings(make_parser().parse_args(["serve"]))
+    assert (defaults.max_images, defaults.stream_instances, defaults.max_k) == (4, 1, 8)
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["serve", "--stream-instances", "-1"])
+    assert "--stream-instances: must be an integer >= 0, got '-1'" in capsys.readouterr().err
 
 
 # --- onnx: export, serve, re-run, force ----------------------------------------------------------
