@@ -465,10 +465,8 @@ def _http(args: argparse.Namespace) -> int:
     """Serve OpenAI's Images API (POST /v1/images/generations) in front of a Triton server."""
     try:
         from driffusion.client.openai_http import HttpSettings, api_keys_from, serve_http
-    except ModuleNotFoundError as e:
-        raise ValueError(
-            f"driffusion http needs the server extra (pip install 'driffusion[server]'): {e}"
-        ) from None
+    except ModuleNotFoundError as e:  # starlette and uvicorn are dependencies; a broken install
+        raise ValueError(f"driffusion http cannot start: {e} (reinstall driffusion)") from None
 
     settings = HttpSettings(
         triton_url=args.triton_url,
@@ -614,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=_help(_http),
         description=_help(_http)
         + " Also GET /v1/models and GET /health. A thin translator onto the gRPC API: the server "
-        "validates every field. Needs the server extra (starlette, uvicorn).",
+        "validates every field.",
     )
     p.add_argument(
         "--triton-url",

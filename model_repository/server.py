@@ -255,6 +255,29 @@ def _terminate_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# Started beside tritonserver in a session of its own, so that it outlives whoever started the
+# server: once tritonserver has exited (its starter killed outright, say), its python-backend
+# workers get a few seconds to exit by themselves, then the rest of its process group is killed
+# and its shared memory removed. A worker whose server dies while it waits on the server (in its
+# initialize or finalize) never exits on its own: its parent-watch thread needs the GIL, which
+# the waiting main thread holds (Triton 2.51's stub).
+_REAPER = (
+    'while kill -0 "$1" 2>/dev/null; do sleep 1; done; sleep 3; '
+    'kill -KILL "-$1" 2>/dev/null; rm -f /dev/shm/"$2"*; exit 0'
+)
+
+
+def _start_reaper(pid: int, shm_prefix: str) -> subprocess.Popen:
+    """The reaper of tritonserver ``pid``'s process group (``_REAPER``)."""
+    return subprocess.Popen(
+        ["sh", "-c", _REAPER, "driffusion-reaper", str(pid), shm_prefix],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def model_names(repository: Path) -> list[str]:
     """The models of a repository: its folders that hold a ``config.pbtxt``."""
     return sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt"))
@@ -377,6 +400,7 @@ class TritonServer:
         # Unique per server: killed servers leave /dev/shm/<prefix>* behind and we remove them.
         self._shm_prefix = f"driffusion_{os.getpid()}_{secrets.token_hex(4)}_"
         self._process: subprocess.Popen | None = None
+        self._reaper: subprocess.Popen | None = None  # outlives us: see _REAPER
 
     @classmethod
     def on_free_ports(cls, model_repository: str | Path, **kwargs) -> TritonServer:
@@ -508,6 +532,7 @@ class TritonServer:
                 start_new_session=True,  # own process group: stop() reaches the stubs too
                 preexec_fn=_terminate_with_parent,
             )
+        self._reaper = _start_reaper(self._process.pid, self._shm_prefix)
         atexit.register(self.stop)
         try:
             self._wait_until_ready()
@@ -643,6 +668,10 @@ class TritonServer:
             for region in _SHM_DIR.glob(f"{self._shm_prefix}*"):
                 with contextlib.suppress(FileNotFoundError):
                     region.unlink()
+            reaper, self._reaper = self._reaper, None
+            if reaper is not None:  # the group is gone; its work is done
+                reaper.kill()
+                reaper.wait()
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the server log, headed by its path."""

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai", reason="the openai SDK is in the dev extra")
-pytest.importorskip("starlette", reason="driffusion http needs the server extra")
 
 from PIL import Image  # noqa: E402
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import shutil
 import time
@@ -163,31 +164,46 @@ def test_broken_model_makes_start_fail_fast_with_the_log_tail(
 
 def test_a_server_goes_down_with_the_process_that_started_it(tmp_path, affine_onnx):
     """A benchmark or test run killed outright (SIGKILL: no atexit, no context manager) leaves no
-    tritonserver behind holding its ports and shared memory."""
+    tritonserver behind holding its ports and shared memory, and none of its workers, even when
+    tritonserver dies abruptly too (a crash: no graceful unload that would kill its workers) and
+    a worker cannot exit by itself: here one is stopped (SIGSTOP), standing for Triton 2.51's
+    stub that deadlocks when its server dies while it waits on it. Only the reaper removes it."""
     import os
     import signal
     import subprocess
     import sys
 
-    add_model(tmp_path / "repo", "affine", affine_onnx, count=1)
+    add_model(tmp_path / "repo", "affine", affine_onnx, count=2)
     script = (
         "import sys, time\n"
         "from driffusion.model_repository.server import TritonServer\n"
         "s = TritonServer.on_free_ports(sys.argv[1]).start()\n"
-        "print(s.pid, flush=True)\n"
+        "print(s.pid, s.shm_prefix, flush=True)\n"
         "time.sleep(600)\n"
     )
     parent = subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path / "repo")], stdout=subprocess.PIPE, text=True
     )
+    stubs = []
     try:
-        server_pid = int(parent.stdout.readline())
-        assert live_group_members(server_pid)
+        pid_text, shm_prefix = parent.stdout.readline().split()
+        server_pid = int(pid_text)
+        stubs += [p for p in live_group_members(server_pid) if p != server_pid]
+        assert len(stubs) == 2 and list(Path("/dev/shm").glob(f"{shm_prefix}*"))
+        os.kill(stubs[0], signal.SIGSTOP)
+        os.kill(server_pid, signal.SIGKILL)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
         deadline = time.monotonic() + 30
         while live_group_members(server_pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert live_group_members(server_pid) == []
+        deadline = time.monotonic() + 5  # the reaper removes the regions after the kill
+        while list(Path("/dev/shm").glob(f"{shm_prefix}*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(Path("/dev/shm").glob(f"{shm_prefix}*")) == []
     finally:
         parent.kill()
+        for pid in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
