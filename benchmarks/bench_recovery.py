@@ -30,7 +30,7 @@ from pathlib import Path
 from driffusion.client import DriffusionClient, DriffusionError
 from driffusion.model_repository.build import RepositorySettings, build_repository
 from driffusion.model_repository.paths import embedded_dir
-from driffusion.model_repository.server import find_free_ports
+from driffusion.model_repository.server import find_free_ports, repository_processes
 from report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,24 +41,7 @@ REQUEST = dict(prompt="a handwritten digit seven", steps=20, mode="aggressive", 
 
 def pids(repository: Path, kind: str) -> list[int]:
     """Live processes of a worker kind (python-backend stubs by model) or of tritonserver."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if state in "ZX" or not argv or not argv[0]:
-            continue
-        if kind == "tritonserver":
-            if (
-                argv[0].endswith(b"tritonserver")
-                and f"--model-repository={repository}".encode() in argv
-            ):
-                found.append(int(proc.name))
-        elif len(argv) > 1 and argv[1] == f"{repository}/{kind}/1/model.py".encode():
-            found.append(int(proc.name))
-    return found
+    return repository_processes(repository, None if kind == "tritonserver" else kind)
 
 
 def ready(url: str) -> bool:

@@ -278,6 +278,26 @@ def _start_reaper(pid: int, shm_prefix: str) -> subprocess.Popen:
     )
 
 
+def repository_processes(repository: Path, model: str | None = None) -> list[int]:
+    """Pids of the live processes serving ``repository``, whoever started them (Linux /proc):
+    its python-backend workers of ``model``, or with ``model=None`` its tritonservers."""
+    repository = Path(repository)
+    server = f"--model-repository={repository}".encode()
+    worker = f"{repository}/{model}/1/model.py".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:  # it exited while we looked
+            continue
+        if state in "ZX" or len(argv) < 2:
+            continue
+        if argv[1] == worker if model else argv[0].endswith(b"tritonserver") and server in argv:
+            found.append(int(proc.name))
+    return found
+
+
 def model_names(repository: Path) -> list[str]:
     """The models of a repository: its folders that hold a ``config.pbtxt``."""
     return sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -211,28 +212,15 @@ def _read_sigmas(scheduler, steps) -> tuple[tuple, tuple]:
     return tuple(sigmas[steps.start : steps.stop]), tuple(sigmas[steps.start + 1 : steps.stop + 1])
 
 
-def _read_euler(scheduler, steps, *, eta, use_clipped_model_output) -> Schedule:
+def _read_euler(scheduler, steps, *, eta, use_clipped_model_output, kind="euler") -> Schedule:
     levels, targets = _read_sigmas(scheduler, steps)
     return Schedule(
-        kind="euler",
+        kind=kind,
         timesteps=_timesteps(scheduler, steps),
         levels=levels,
         targets=targets,
         prediction_type=scheduler.config.prediction_type,
-        # EulerDiscreteScheduler.scale_model_input: x / sqrt(sigma^2 + 1)
-        input_scales=tuple(1.0 / math.sqrt(s * s + 1.0) for s in levels),
-    )
-
-
-def _read_euler_ancestral(scheduler, steps, *, eta, use_clipped_model_output) -> Schedule:
-    levels, targets = _read_sigmas(scheduler, steps)
-    return Schedule(
-        kind="euler_ancestral",
-        timesteps=_timesteps(scheduler, steps),
-        levels=levels,
-        targets=targets,
-        prediction_type=scheduler.config.prediction_type,
-        # EulerAncestralDiscreteScheduler.scale_model_input: x / sqrt(sigma^2 + 1)
+        # (Euler|EulerAncestral)DiscreteScheduler.scale_model_input: x / sqrt(sigma^2 + 1)
         input_scales=tuple(1.0 / math.sqrt(s * s + 1.0) for s in levels),
     )
 
@@ -325,7 +313,7 @@ _READERS = {
     "DDIMScheduler": _read_ddim,
     "DDPMScheduler": _read_ddpm,
     "EulerDiscreteScheduler": _read_euler,
-    "EulerAncestralDiscreteScheduler": _read_euler_ancestral,
+    "EulerAncestralDiscreteScheduler": partial(_read_euler, kind="euler_ancestral"),
     "FlowMatchEulerDiscreteScheduler": _read_flow,
     "DPMSolverMultistepScheduler": _read_dpmpp,
     "UniPCMultistepScheduler": _read_unipc,

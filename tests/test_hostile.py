@@ -31,7 +31,12 @@ from tritonclient.utils import InferenceServerException
 from driffusion import count_rounds
 from driffusion.client import DriffusionClient, DriffusionError
 from driffusion.model_repository.build import RepositorySettings, build_repository
-from driffusion.model_repository.server import ADMIN_HEADER, ADMIN_KEY_ENV, find_free_ports
+from driffusion.model_repository.server import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    find_free_ports,
+    repository_processes,
+)
 
 ADMIN_KEY = "hostile-test-admin-key-0123456789"
 INSTANCES = {"denoiser": 2, "driffusion": 2, "text_encoder": 1, "vae_decoder": 1}
@@ -95,17 +100,7 @@ class Serve:
 
     def stubs(self, model: str) -> list[int]:
         """Pids of the live worker processes of ``model``."""
-        marker = f"{self.repository}/{model}/1/model.py".encode()
-        pids = []
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-                state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-            except OSError:
-                continue
-            if len(argv) > 1 and argv[1] == marker and state not in "ZX":
-                pids.append(int(proc.name))
-        return pids
+        return repository_processes(self.repository, model)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -297,12 +292,7 @@ def _all_stub_pids(serve) -> list[int]:
 
 
 def triton_pids(serve) -> list[int]:
-    marker = f"--model-repository={serve.repository}".encode()
-    return [
-        pid
-        for pid in map(int, (p.name for p in Path("/proc").glob("[0-9]*")))
-        if b"tritonserver" in _cmdline(pid).split(b"\0")[0] and marker in _cmdline(pid)
-    ]
+    return repository_processes(serve.repository)
 
 
 @needs_curl
@@ -500,13 +490,7 @@ def test_a_stopped_worker_is_treated_as_dead(serve, client):
 
 
 def test_a_killed_tritonserver_is_restarted(serve, client):
-    (triton,) = [
-        pid
-        for pid in map(int, (p.name for p in Path("/proc").glob("[0-9]*")))
-        if _cmdline(pid).startswith(b"/")
-        and b"tritonserver" in _cmdline(pid).split(b"\0")[0]
-        and f"--model-repository={serve.repository}".encode() in _cmdline(pid)
-    ]
+    (triton,) = triton_pids(serve)
     os.kill(triton, signal.SIGKILL)
     serve.wait(lambda: not serve.ready(), 15, "readiness false after the kill")
     serve.wait(serve.ready, 120, "readiness back")
