@@ -485,7 +485,10 @@ def test_a_stopped_worker_is_treated_as_dead(serve, client):
     victim = serve.current("denoiser")[0]
     os.kill(victim, signal.SIGSTOP)  # it would take requests and never answer
     serve.wait(lambda: victim not in serve.stubs("denoiser"), 20, "the stopped worker killed")
+    assert _state(victim) in "ZX"  # killed, not resumed
     serve.wait(serve.ready, 60, "readiness back")
+    replaced = serve.current("denoiser")
+    assert victim not in replaced and all(_state(pid) not in "TtZX" for pid in replaced)
     serves_normally(client)
 
 
@@ -498,6 +501,13 @@ def test_a_killed_tritonserver_is_restarted(serve, client):
     with DriffusionClient(serve.grpc_url) as c:
         c.wait_ready(timeout_s=60)
         serves_normally(c)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "X"
 
 
 def _cmdline(pid: int) -> bytes:
